@@ -1,0 +1,51 @@
+"""KV cache with a hard cap and its compression policies (pure torch: no model, no ROS).
+
+One class per scoring method; selection (top-k per head, order kept) lives
+in :mod:`.selection` only. ``POLICIES`` maps the names used in parameters and
+on the command line to the classes.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from .baselines import RecentPolicy, UniformPolicy
+from .cache import CacheBudget, CacheStateError, CacheStats, CappedKVCache, CompressionEvent
+from .infinipot_v import InfiniPotVPolicy
+from .layout import ChunkTable, VisionChunk, VisionLayout
+from .policy import ScoringPolicy
+from .selection import gather_tokens, keep_topk
+from .tar import TaRPolicy, tar_similarity
+from .van import DEFAULT_POOL_KERNELS, PooledVaNPolicy, VaNPolicy, pool_on_grid, value_norms
+
+#: Compression methods by name ("none" = full cache, no cap).
+POLICIES: dict[str, type[ScoringPolicy]] = {
+    cls.name: cls
+    for cls in (InfiniPotVPolicy, TaRPolicy, VaNPolicy, PooledVaNPolicy, UniformPolicy, RecentPolicy)
+}
+
+
+def make_policy(name: str, **kwargs: Any) -> Optional[ScoringPolicy]:
+    """Policy instance by name; ``"none"`` gives None (uncapped cache).
+
+    Unknown keyword arguments for the chosen class are ignored, so one set of
+    settings (recent_ratio, tar_ratio, ...) serves every method.
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    if name == "none":
+        return None
+    try:
+        cls = POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown compression policy {name!r}; choose one of {['none', *POLICIES]}") from None
+    fields = getattr(cls, "__dataclass_fields__", {})
+    return cls(**{k: v for k, v in kwargs.items() if k in fields and fields[k].init})
+
+
+__all__ = [
+    "CacheBudget", "CacheStateError", "CacheStats", "CappedKVCache", "ChunkTable", "CompressionEvent",
+    "DEFAULT_POOL_KERNELS", "InfiniPotVPolicy", "POLICIES", "PooledVaNPolicy", "RecentPolicy",
+    "ScoringPolicy", "TaRPolicy", "UniformPolicy", "VaNPolicy", "VisionChunk", "VisionLayout",
+    "gather_tokens", "keep_topk", "make_policy", "pool_on_grid", "tar_similarity", "value_norms",
+]

@@ -1,0 +1,502 @@
+"""A KV cache with a hard cap on vision tokens, compressed in place.
+
+Layout of every layer's cache (all heads the same length; see InfiniPot-V
+Sec. 3, "continual KV cache compression"):
+
+    [ prefix | vision tokens (<= M per head) | scratch (question + answer) ]
+
+* prefix: the system prompt up to and including the first vision-start
+  token; protected, never compressed.
+* vision: the streamed chunks. When an appended chunk takes the vision region
+  past M tokens, every layer is compressed in place to C tokens (default
+  C = 0.75 M) per KV head by the policy's scores; kept tokens keep their
+  order, their cached (rotated) keys and hence their positions.
+* scratch: text appended inside :meth:`CappedKVCache.scratch` (a question and
+  its answer) and removed when the block ends.
+
+Appends are transactions: if the model raises half-way through a forward,
+every layer is truncated back and the cache is exactly as before.
+
+Pure torch (no model, no ROS); works on any device and dtype.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from .layout import ChunkTable, VisionChunk, VisionLayout
+from .policy import ScoringPolicy
+from .selection import gather_tokens, keep_topk
+
+#: Vision-token budget in MB uses decimal megabytes (1 MB = 1e6 bytes).
+MB = 1_000_000
+
+
+@dataclass(frozen=True)
+class CacheBudget:
+    """How many vision tokens the cache may hold, in tokens or in bytes.
+
+    Exactly one of ``max_vision_tokens`` (M) and ``max_bytes`` is set, or
+    neither (no cap: the cache grows with the stream).
+
+    ``max_bytes`` caps the resident cache, prefix included:
+    M = floor(max_bytes / bytes_per_token) - prefix_tokens. Bytes per token
+    = 2 (K and V) x layers x KV heads x head_dim x dtype bytes (36,864 B for
+    Qwen2.5-VL-3B in bf16). A chunk being prefilled and the question/answer
+    tokens come on top of the cap while they exist.
+
+    Args:
+        max_vision_tokens: M, max vision tokens per layer and KV head.
+        max_bytes: cap on prefix + vision K/V bytes, all layers.
+        target_ratio: C / M, tokens kept by a compression (default 0.75).
+    """
+
+    max_vision_tokens: Optional[int] = None
+    max_bytes: Optional[int] = None
+    target_ratio: float = 0.75
+
+    def __post_init__(self) -> None:
+        if self.max_vision_tokens is not None and self.max_bytes is not None:
+            raise ValueError("set the budget in tokens or in bytes, not both")
+        if self.max_vision_tokens is not None and self.max_vision_tokens < 2:
+            raise ValueError(f"max_vision_tokens must be >= 2, got {self.max_vision_tokens}")
+        if self.max_bytes is not None and self.max_bytes <= 0:
+            raise ValueError(f"max_bytes must be > 0, got {self.max_bytes}")
+        if not 0.0 < self.target_ratio < 1.0:
+            raise ValueError(f"target_ratio must be in (0, 1), got {self.target_ratio}")
+
+    @classmethod
+    def from_megabytes(cls, megabytes: float, target_ratio: float = 0.75) -> "CacheBudget":
+        return cls(max_bytes=int(megabytes * MB), target_ratio=target_ratio)
+
+    @property
+    def capped(self) -> bool:
+        return self.max_vision_tokens is not None or self.max_bytes is not None
+
+    def resolve(self, bytes_per_token: int, prefix_tokens: int) -> tuple[Optional[int], Optional[int]]:
+        """(M, C) in vision tokens per layer and head; (None, None) without a cap.
+
+        Raises:
+            ValueError: if a byte budget leaves fewer than 2 vision tokens.
+        """
+        if self.max_vision_tokens is not None:
+            m = self.max_vision_tokens
+        elif self.max_bytes is not None:
+            m = self.max_bytes // bytes_per_token - prefix_tokens
+            if m < 2:
+                raise ValueError(
+                    f"KV budget of {self.max_bytes / MB:.3f} MB holds {self.max_bytes // bytes_per_token} tokens "
+                    f"at {bytes_per_token} B/token: not even the {prefix_tokens}-token prefix plus 2 vision tokens"
+                )
+        else:
+            return None, None
+        return m, max(1, int(math.floor(self.target_ratio * m)))
+
+
+@dataclass(frozen=True)
+class CompressionEvent:
+    """What one compression did (per layer and head counts)."""
+
+    before: int  # vision tokens before
+    after: int  # vision tokens after (C)
+    ms: float  # wall time of the whole compression, all layers (ms)
+    chunks_dropped: int  # chunks that lost their last token
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """A snapshot of the cache's size and history. Token counts are per layer and KV head."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    bytes_per_token: int
+    prefix_tokens: int
+    vision_tokens: int
+    scratch_tokens: int
+    max_vision_tokens: Optional[int]  # M
+    target_vision_tokens: Optional[int]  # C
+    capacity_tokens: int  # allocated slots per layer and head
+    compressions: int
+    tokens_evicted: int
+    last_compression_ms: float
+    chunks_in_cache: int
+    frames_in_cache: int
+    oldest_stamp_ns: int  # 0 when empty
+    newest_stamp_ns: int  # 0 when empty
+
+    @property
+    def tokens(self) -> int:
+        return self.prefix_tokens + self.vision_tokens + self.scratch_tokens
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of K and V in use, all layers."""
+        return self.tokens * self.bytes_per_token
+
+    @property
+    def kv_bytes_reserved(self) -> int:
+        """Bytes allocated for K and V, all layers."""
+        return self.capacity_tokens * self.bytes_per_token
+
+    @property
+    def kv_bytes_budget(self) -> int:
+        """Bytes at the cap (prefix + M); 0 without a cap."""
+        if self.max_vision_tokens is None:
+            return 0
+        return (self.prefix_tokens + self.max_vision_tokens) * self.bytes_per_token
+
+
+class CacheStateError(RuntimeError):
+    """An operation was called in the wrong state (e.g. a chunk during a scratch block)."""
+
+
+class CappedKVCache:
+    """Per-layer K/V buffers [B, H_kv, capacity, D] with a protected prefix and a capped vision region.
+
+    The model writes through :meth:`update` (one call per layer per forward,
+    as transformers' Cache API does); the engine brackets every forward in
+    :meth:`prefix`, :meth:`vision_chunk` or :meth:`scratch`, which say what the
+    appended tokens are.
+
+    Args:
+        num_layers: decoder layers.
+        num_kv_heads: KV heads per layer (H_kv).
+        head_dim: D.
+        dtype, device: of the K/V buffers.
+        budget: the cap; ``CacheBudget()`` for none.
+        policy: scores tokens at compression; required when the budget caps.
+        batch_size: B (a stream is 1).
+        reserve_tokens: slots allocated beyond prefix + M for the chunk being
+            prefilled and the question/answer, so a capped cache never
+            reallocates in steady state.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        budget: CacheBudget = CacheBudget(),
+        policy: Optional[ScoringPolicy] = None,
+        batch_size: int = 1,
+        reserve_tokens: int = 1024,
+    ) -> None:
+        if budget.capped and policy is None:
+            raise ValueError("a capped budget needs a compression policy")
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.budget = budget
+        self.policy = policy
+        self.batch_size = batch_size
+        self.reserve_tokens = reserve_tokens
+        self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+        self._keys: list[Optional[torch.Tensor]] = [None] * num_layers
+        self._values: list[Optional[torch.Tensor]] = [None] * num_layers
+        self._token_ids: list[Optional[torch.Tensor]] = [None] * num_layers  # [B, H, cap] int64, vision slots
+        self._len = [0] * num_layers
+        self._prefix_len = 0
+        self._vision_len = 0
+        self._scratch_depth = 0
+        self._prefix_done = False
+        self.table = ChunkTable()
+        self.max_vision_tokens: Optional[int] = None
+        self.target_vision_tokens: Optional[int] = None
+        self.compressions = 0
+        self.tokens_evicted = 0
+        self.last_compression: Optional[CompressionEvent] = None
+
+    # ------------------------------------------------------------------ writes
+    def update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append new K/V for one layer and return everything cached for it.
+
+        Args:
+            layer_idx: decoder layer.
+            key_states: [B, H_kv, n, D] new keys (after rotary embedding).
+            value_states: [B, H_kv, n, D] new values.
+
+        Returns:
+            (keys, values), each [B, H_kv, S + n, D]: views of the buffers.
+
+        Raises:
+            ValueError: on a shape that does not match the cache.
+        """
+        b, h, n, d = key_states.shape
+        if (b, h, d) != (self.batch_size, self.num_kv_heads, self.head_dim) or value_states.shape != key_states.shape:
+            raise ValueError(
+                f"layer {layer_idx}: K/V of shape {tuple(key_states.shape)}/{tuple(value_states.shape)} do not fit a "
+                f"cache of [B={self.batch_size}, H_kv={self.num_kv_heads}, S, D={self.head_dim}]"
+            )
+        start = self._len[layer_idx]
+        self._ensure_capacity(layer_idx, start + n)
+        k, v = self._keys[layer_idx], self._values[layer_idx]
+        k[:, :, start : start + n].copy_(key_states)
+        v[:, :, start : start + n].copy_(value_states)
+        self._len[layer_idx] = start + n
+        return k[:, :, : start + n], v[:, :, : start + n]
+
+    def _capacity(self, layer_idx: int) -> int:
+        k = self._keys[layer_idx]
+        return 0 if k is None else k.shape[2]
+
+    def _ensure_capacity(self, layer_idx: int, needed: int) -> None:
+        cap = self._capacity(layer_idx)
+        if needed <= cap:
+            return
+        if self.max_vision_tokens is not None:
+            # Capped: room for prefix + M + reserve; grow only if a single
+            # chunk or question is bigger than the reserve.
+            target = max(needed, self._prefix_len + self.max_vision_tokens + self.reserve_tokens)
+        else:
+            target = max(needed, int(cap * 1.5), 1024)
+        target = (target + 255) // 256 * 256
+        shape = (self.batch_size, self.num_kv_heads, target, self.head_dim)
+        new_k = torch.empty(shape, dtype=self.dtype, device=self.device)
+        new_v = torch.empty(shape, dtype=self.dtype, device=self.device)
+        used = self._len[layer_idx]
+        if used:
+            new_k[:, :, :used].copy_(self._keys[layer_idx][:, :, :used])
+            new_v[:, :, :used].copy_(self._values[layer_idx][:, :, :used])
+        self._keys[layer_idx], self._values[layer_idx] = new_k, new_v
+
+    def _truncate_all(self, lengths: Sequence[int]) -> None:
+        self._len = list(lengths)
+
+    @contextlib.contextmanager
+    def _transaction(self, expected_new: Optional[int]) -> Iterator[None]:
+        before = list(self._len)
+        try:
+            yield
+        except BaseException:
+            self._truncate_all(before)
+            raise
+        added = {after - b for after, b in zip(self._len, before)}
+        if len(added) != 1 or (expected_new is not None and added != {expected_new}):
+            self._truncate_all(before)
+            raise CacheStateError(
+                f"forward appended {sorted(added)} tokens per layer, expected {expected_new} in every layer"
+            )
+
+    @contextlib.contextmanager
+    def prefix(self) -> Iterator[None]:
+        """Bracket the forward that writes the protected prefix (once, on an empty cache)."""
+        if self._prefix_done or any(self._len):
+            raise CacheStateError("the prefix is written once, into an empty cache")
+        with self._transaction(None):
+            yield
+        self._prefix_len = self._len[0]
+        self._prefix_done = True
+        m, c = self.budget.resolve(self.bytes_per_token, self._prefix_len)
+        self.max_vision_tokens, self.target_vision_tokens = m, c
+
+    @contextlib.contextmanager
+    def vision_chunk(self, chunk: VisionChunk) -> Iterator[None]:
+        """Bracket the forward that prefills one chunk of vision tokens.
+
+        On success the chunk's tokens join the vision region and, if that
+        now exceeds M, every layer is compressed to C (:meth:`compress`).
+
+        Raises:
+            CacheStateError: before the prefix, inside a scratch block, or if
+                the forward did not append exactly ``chunk.num_tokens`` tokens.
+            ValueError: if the chunk alone is larger than the target C.
+        """
+        if not self._prefix_done:
+            raise CacheStateError("write the prefix before vision chunks")
+        if self._scratch_depth:
+            raise CacheStateError("cannot append vision while a question is being answered")
+        if self.target_vision_tokens is not None and chunk.num_tokens > self.target_vision_tokens:
+            raise ValueError(
+                f"a chunk of {chunk.num_tokens} vision tokens does not fit the compression target "
+                f"C={self.target_vision_tokens} (M={self.max_vision_tokens}): lower the frame resolution "
+                f"(max_pixels) or raise the KV budget"
+            )
+        n = chunk.num_tokens
+        with self._transaction(n):
+            yield
+        rec = self.table.append(chunk)
+        ids = torch.arange(rec.first_token_id, rec.first_token_id + n, device=self.device)
+        start = self._vision_len
+        for layer in range(self.num_layers):
+            self._ensure_id_capacity(layer, start + n)
+            self._token_ids[layer][:, :, start : start + n] = ids
+        self._vision_len += n
+        if self.max_vision_tokens is not None and self._vision_len > self.max_vision_tokens:
+            self.compress()
+
+    def _ensure_id_capacity(self, layer_idx: int, needed: int) -> None:
+        ids = self._token_ids[layer_idx]
+        cap = 0 if ids is None else ids.shape[2]
+        if needed <= cap:
+            return
+        target = max(needed, self._capacity(layer_idx))
+        new = torch.empty((self.batch_size, self.num_kv_heads, target), dtype=torch.long, device=self.device)
+        if ids is not None:
+            new[:, :, : self._vision_len].copy_(ids[:, :, : self._vision_len])
+        self._token_ids[layer_idx] = new
+
+    @contextlib.contextmanager
+    def scratch(self) -> Iterator[None]:
+        """Bracket text (a question and its answer) that is removed when the block ends.
+
+        Any number of forwards may run inside; on exit, normal or not, every
+        layer is truncated back to its length at entry.
+        """
+        if not self._prefix_done:
+            raise CacheStateError("write the prefix first")
+        before = list(self._len)
+        self._scratch_depth += 1
+        try:
+            yield
+        finally:
+            self._scratch_depth -= 1
+            self._truncate_all(before)
+
+    # ------------------------------------------------------------- compression
+    def compress(self, target: Optional[int] = None) -> Optional[CompressionEvent]:
+        """Compress the vision region of every layer in place to ``target`` (default C) tokens per head.
+
+        Per layer: the policy scores [B, H_kv, S_v] tokens, :func:`keep_topk`
+        picks ``target`` per head in original order, the kept K/V/ids are
+        gathered into the front of the vision region. One layer at a time, so
+        the transient extra memory is one layer's kept tokens.
+
+        Returns:
+            The event, or None when there was nothing to drop.
+
+        Raises:
+            CacheStateError: inside a scratch block or without a policy.
+        """
+        if self._scratch_depth:
+            raise CacheStateError("cannot compress while a question is being answered")
+        if self.policy is None:
+            raise CacheStateError("no compression policy configured")
+        keep = self.target_vision_tokens if target is None else target
+        if keep is None:
+            raise CacheStateError("no target size: the budget is uncapped")
+        before = self._vision_len
+        if before <= keep:
+            return None
+        t0 = time.perf_counter()
+        p = self._prefix_len
+        for layer in range(self.num_layers):
+            k = self._keys[layer]
+            v = self._values[layer]
+            k_vis = k[:, :, p : p + before]
+            v_vis = v[:, :, p : p + before]
+            ids = self._token_ids[layer][:, :, :before]
+            layout = self.table.layout(ids)
+            scores = self.policy.score(
+                k_vis, v_vis, layout, layer_idx=layer, num_layers=self.num_layers, keep=keep
+            )
+            idx = keep_topk(scores, keep)
+            k[:, :, p : p + keep] = gather_tokens(k_vis, idx)
+            v[:, :, p : p + keep] = gather_tokens(v_vis, idx)
+            self._token_ids[layer][:, :, :keep] = gather_tokens(ids, idx)
+            self._len[layer] = p + keep
+        self._vision_len = keep
+        live = torch.cat([t[:, :, :keep].reshape(-1) for t in self._token_ids])
+        dropped = self.table.prune(live)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        event = CompressionEvent(before, keep, (time.perf_counter() - t0) * 1e3, dropped)
+        self.compressions += 1
+        self.tokens_evicted += before - keep
+        self.last_compression = event
+        return event
+
+    # ------------------------------------------------------------------- reads
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens cached for ``layer_idx`` (prefix + vision + scratch)."""
+        return self._len[layer_idx]
+
+    @property
+    def prefix_length(self) -> int:
+        return self._prefix_len
+
+    @property
+    def vision_length(self) -> int:
+        return self._vision_len
+
+    def layer_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, H_kv, S, D], [B, H_kv, S, D]) views of what one layer holds now."""
+        n = self._len[layer_idx]
+        return self._keys[layer_idx][:, :, :n], self._values[layer_idx][:, :, :n]
+
+    def vision_token_ids(self, layer_idx: int) -> torch.Tensor:
+        """[B, H_kv, S_v] global ids of the vision tokens a layer holds (see :mod:`.layout`)."""
+        return self._token_ids[layer_idx][:, :, : self._vision_len]
+
+    def vision_layout(self, layer_idx: int) -> VisionLayout:
+        """Source of every vision token one layer holds."""
+        return self.table.layout(self.vision_token_ids(layer_idx))
+
+    def visibility(
+        self,
+        cameras: Optional[Sequence[int]] = None,
+        since_ns: int = 0,
+        until_ns: int = 0,
+    ) -> Optional[list[torch.Tensor]]:
+        """Which cached tokens an answer may attend to, per layer.
+
+        A vision token is visible if its chunk's camera is in ``cameras``
+        (None = all) and its frames overlap [since_ns, until_ns] (0 = open).
+        Prefix and scratch tokens are always visible.
+
+        Returns:
+            None when everything is visible, else one [B, H_kv, S] bool
+            tensor per layer covering prefix + vision + scratch at call time.
+        """
+        if cameras is None and since_ns <= 0 and until_ns <= 0:
+            return None
+        masks = []
+        for layer in range(self.num_layers):
+            lay = self.vision_layout(layer)
+            ok = torch.ones_like(lay.chunk, dtype=torch.bool)
+            if cameras is not None:
+                ok &= torch.isin(lay.camera, torch.tensor(list(cameras), dtype=torch.long, device=self.device))
+            if since_ns > 0:
+                ok &= lay.end_stamp_ns >= since_ns
+            if until_ns > 0:
+                ok &= lay.stamp_ns <= until_ns
+            b, h = self.batch_size, self.num_kv_heads
+            full = torch.ones(b, h, self._len[layer], dtype=torch.bool, device=self.device)
+            full[:, :, self._prefix_len : self._prefix_len + self._vision_len] = ok
+            masks.append(full)
+        return masks
+
+    def stats(self) -> CacheStats:
+        recs = self.table.records
+        return CacheStats(
+            num_layers=self.num_layers,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            dtype=str(self.dtype).replace("torch.", ""),
+            bytes_per_token=self.bytes_per_token,
+            prefix_tokens=self._prefix_len,
+            vision_tokens=self._vision_len,
+            scratch_tokens=self._len[0] - self._prefix_len - self._vision_len,
+            max_vision_tokens=self.max_vision_tokens,
+            target_vision_tokens=self.target_vision_tokens,
+            capacity_tokens=self._capacity(0),
+            compressions=self.compressions,
+            tokens_evicted=self.tokens_evicted,
+            last_compression_ms=self.last_compression.ms if self.last_compression else 0.0,
+            chunks_in_cache=len(recs),
+            frames_in_cache=sum(r.chunk.num_frames for r in recs),
+            oldest_stamp_ns=min((r.chunk.stamp_ns for r in recs), default=0),
+            newest_stamp_ns=max((r.chunk.end_stamp_ns for r in recs), default=0),
+        )

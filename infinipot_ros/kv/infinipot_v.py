@@ -1,0 +1,56 @@
+"""InfiniPot-V: TaR selects first, value norms fill the rest (Sec. 4.4)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional, Tuple
+
+import torch
+
+from .policy import ScoringPolicy
+from .selection import keep_topk
+from .tar import TaRPolicy
+from .van import DEFAULT_POOL_KERNELS, Kernel, VaNPolicy
+
+
+@dataclass
+class InfiniPotVPolicy(ScoringPolicy):
+    """TaR + VaN, the full InfiniPot-V compression.
+
+    Based on InfiniPot-V (Kim et al., NeurIPS 2025), Sec. 4. Per layer and KV
+    head: TaR keeps every token of the recent frames plus the past tokens
+    least similar to them, ``max(r p, floor(tar_ratio * keep))`` tokens in
+    all; those get +inf; the remaining slots go to the highest layer-adaptive
+    pooled value norms. The cache then keeps the top ``keep`` in original order.
+
+    Args:
+        tar_ratio: alpha, share of the target chosen by TaR (paper: 0.5).
+        recent_ratio: share of the cached frames treated as recent (paper: 1/8).
+        pool_kernels: VaN pooling kernel per layer group; None = no pooling.
+    """
+
+    name: ClassVar[str] = "infinipot_v"
+    tar_ratio: float = 0.5
+    recent_ratio: float = 0.125
+    pool_kernels: Optional[Tuple[Kernel, ...]] = field(default=DEFAULT_POOL_KERNELS)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.tar_ratio <= 1.0:
+            raise ValueError(f"tar_ratio must be in [0, 1], got {self.tar_ratio}")
+        self._tar = TaRPolicy(recent_ratio=self.recent_ratio)
+        self._van = VaNPolicy(pool_kernels=self.pool_kernels)
+        self.pool_kernels = self._van.pool_kernels
+
+    def score(self, keys, values, layout, *, layer_idx, num_layers, keep):
+        tar, recent = self._tar.tar_scores(keys, layout)
+        n_recent = int(recent[0, 0].sum())
+        n_tar = min(keep, max(n_recent, int(self.tar_ratio * keep)))
+        chosen = keep_topk(tar, n_tar)
+        final = self._van.van_scores(values, layout, layer_idx, num_layers).clone()
+        final.scatter_(2, chosen, float("inf"))
+        return final
+
+    def describe(self) -> str:
+        return (
+            f"{self.name}(tar_ratio={self.tar_ratio}, recent_ratio={self.recent_ratio}, "
+            f"pool_kernels={self.pool_kernels})"
+        )

@@ -1,0 +1,56 @@
+"""Base class of the compression policies: a policy only scores tokens.
+
+Selection (top-k per head, original order kept) lives in
+:mod:`infinipot_ros.kv.selection`; the cache calls ``score`` once per layer
+and keeps the ``keep`` best tokens of every KV head.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .layout import VisionLayout
+
+
+@dataclass
+class ScoringPolicy:
+    """Scores the vision tokens of one layer; higher = keep.
+
+    Subclasses are small dataclasses (hyper-parameters as fields, checked in
+    ``__post_init__``) that implement :meth:`score`. Tokens that must survive
+    (e.g. the most recent frames) get ``+inf``.
+    """
+
+    name: ClassVar[str] = "base"
+
+    def score(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        layout: VisionLayout,
+        *,
+        layer_idx: int,
+        num_layers: int,
+        keep: int,
+    ) -> torch.Tensor:
+        """Score every cached vision token of one layer.
+
+        Args:
+            keys: [B, H_kv, S, D] cached keys (after rotary embedding).
+            values: [B, H_kv, S, D] cached values.
+            layout: source of each token, tensors [B, H_kv, S].
+            layer_idx: index of this decoder layer (0 = closest to the input).
+            num_layers: number of decoder layers.
+            keep: tokens per head that will be kept (the target C).
+
+        Returns:
+            [B, H_kv, S] float32 scores.
+        """
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """One line naming the policy and its settings, for logs and status."""
+        fields = ", ".join(f"{k}={v}" for k, v in self.__dict__.items())
+        return f"{self.name}({fields})"

@@ -1,0 +1,234 @@
+"""CappedKVCache: the hard cap, in-place compression, transactions, scratch, budgets."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infinipot_ros.kv import (
+    POLICIES, CacheBudget, CacheStateError, CappedKVCache, VisionChunk, make_policy,
+)
+
+L, H, D = 3, 2, 8
+PREFIX = 5
+
+
+def _write(cache, n, gen, layers=L):
+    ks, vs = [], []
+    for layer in range(layers):
+        k = torch.randn(1, H, n, D, generator=gen)
+        v = torch.randn(1, H, n, D, generator=gen)
+        cache.update(layer, k, v)
+        ks.append(k)
+        vs.append(v)
+    return ks, vs
+
+
+def _stream(policy_name, m=40, chunks=12, grid=(3, 4), seed=0, check=None):
+    gen = torch.Generator().manual_seed(seed)
+    policy = make_policy(policy_name)
+    budget = CacheBudget(max_vision_tokens=m) if policy is not None else CacheBudget()
+    cache = CappedKVCache(L, H, D, budget=budget, policy=policy, reserve_tokens=16)
+    with cache.prefix():
+        _write(cache, PREFIX, gen)
+    originals = {}  # global token id -> (layer -> (k [H, D], v [H, D]))
+    for i in range(chunks):
+        chunk = VisionChunk(*grid, stamp_ns=i * 10**9, end_stamp_ns=i * 10**9 + 5 * 10**8, num_frames=2)
+        first = cache.table.next_token_id
+        with cache.vision_chunk(chunk):
+            ks, vs = _write(cache, chunk.num_tokens, gen)
+        for t in range(chunk.num_tokens):
+            originals[first + t] = [(ks[layer][0, :, t], vs[layer][0, :, t]) for layer in range(L)]
+        if check is not None:
+            check(cache, i)
+    return cache, originals
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_never_more_than_m_vision_tokens_per_layer_and_head(name):
+    m = 40
+
+    def check(cache, i):
+        for layer in range(L):
+            k, v = cache.layer_kv(layer)
+            assert k.shape[2] == v.shape[2] == cache.prefix_length + cache.vision_length
+            assert cache.vision_length <= m
+            assert cache.vision_token_ids(layer).shape == (1, H, cache.vision_length)
+        st = cache.stats()
+        assert st.kv_bytes <= st.kv_bytes_budget
+
+    cache, _ = _stream(name, m=m, check=check)
+    assert cache.compressions > 0
+    assert cache.stats().target_vision_tokens == 30
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_kept_tokens_are_untouched_originals_in_order(name):
+    cache, originals = _stream(name)
+    for layer in range(L):
+        k, v = cache.layer_kv(layer)
+        ids = cache.vision_token_ids(layer)[0]  # [H, S_v]
+        for h in range(H):
+            row = ids[h].tolist()
+            assert row == sorted(row) and len(set(row)) == len(row)
+            for slot, tid in enumerate(row):
+                ok, ov = originals[tid][layer]
+                assert torch.equal(k[0, h, PREFIX + slot], ok[h])
+                assert torch.equal(v[0, h, PREFIX + slot], ov[h])
+
+
+def test_recent_frames_always_survive_tar_and_infinipot_v():
+    for name in ("tar", "infinipot_v"):
+        cache, _ = _stream(name, chunks=10)
+        newest_first_id = cache.table.records[-1].first_token_id
+        for layer in range(L):
+            ids = cache.vision_token_ids(layer)[0]
+            for h in range(H):
+                assert (ids[h] >= newest_first_id).sum().item() == 12  # the whole newest chunk
+
+
+def test_heads_keep_different_tokens_and_prefix_is_untouched():
+    gen = torch.Generator().manual_seed(1)
+    cache = CappedKVCache(L, H, D, budget=CacheBudget(max_vision_tokens=40), policy=make_policy("van"))
+    with cache.prefix():
+        pk, pv = _write(cache, PREFIX, gen)
+    for i in range(8):
+        with cache.vision_chunk(VisionChunk(3, 4)):
+            _write(cache, 12, gen)
+    ids = cache.vision_token_ids(0)[0]
+    assert not torch.equal(ids[0], ids[1])
+    k, v = cache.layer_kv(0)
+    assert torch.equal(k[:, :, :PREFIX], pk[0]) and torch.equal(v[:, :, :PREFIX], pv[0])
+
+
+def test_recent_policy_keeps_newest_and_uniform_spreads():
+    cache, _ = _stream("recent", m=40, chunks=6)
+    ids = cache.vision_token_ids(0)[0, 0].tolist()
+    assert ids == list(range(ids[0], ids[0] + len(ids))) and ids[-1] == 6 * 12 - 1
+    cache, _ = _stream("uniform", m=40, chunks=4)  # one compression: 48 -> 30
+    ids = cache.vision_token_ids(0)[0, 0].tolist()
+    assert ids == [(i * 48) // 30 for i in range(30)]
+
+
+def test_failed_forward_rolls_back_every_layer():
+    gen = torch.Generator().manual_seed(0)
+    cache = CappedKVCache(L, H, D, budget=CacheBudget(max_vision_tokens=40), policy=make_policy("infinipot_v"))
+    with cache.prefix():
+        _write(cache, PREFIX, gen)
+    with cache.vision_chunk(VisionChunk(3, 4)):
+        _write(cache, 12, gen)
+    before = [tuple(t.clone() for t in cache.layer_kv(layer)) for layer in range(L)]
+    with pytest.raises(RuntimeError, match="boom"):
+        with cache.vision_chunk(VisionChunk(3, 4)):
+            _write(cache, 12, gen, layers=2)  # layer 2 never written
+            raise RuntimeError("boom")
+    with pytest.raises(CacheStateError):
+        with cache.vision_chunk(VisionChunk(3, 4)):
+            _write(cache, 12, gen, layers=2)  # forgot a layer: refused and rolled back
+    assert len(cache.table) == 1 and cache.vision_length == 12
+    for layer in range(L):
+        k, v = cache.layer_kv(layer)
+        assert torch.equal(k, before[layer][0]) and torch.equal(v, before[layer][1])
+
+
+def test_scratch_is_removed_and_blocks_vision():
+    gen = torch.Generator().manual_seed(0)
+    cache = CappedKVCache(L, H, D, budget=CacheBudget(max_vision_tokens=40), policy=make_policy("infinipot_v"))
+    with cache.prefix():
+        _write(cache, PREFIX, gen)
+    with cache.vision_chunk(VisionChunk(3, 4)):
+        _write(cache, 12, gen)
+    with cache.scratch():
+        _write(cache, 7, gen)
+        _write(cache, 1, gen)
+        assert cache.get_seq_length() == PREFIX + 12 + 8
+        assert cache.stats().scratch_tokens == 8
+        with pytest.raises(CacheStateError):
+            with cache.vision_chunk(VisionChunk(3, 4)):
+                pass
+        with pytest.raises(CacheStateError):
+            cache.compress()
+    assert [cache.get_seq_length(layer) for layer in range(L)] == [PREFIX + 12] * L
+
+
+def test_chunk_larger_than_target_is_refused_clearly():
+    gen = torch.Generator().manual_seed(0)
+    cache = CappedKVCache(L, H, D, budget=CacheBudget(max_vision_tokens=16), policy=make_policy("tar"))
+    with cache.prefix():
+        _write(cache, PREFIX, gen)
+    with pytest.raises(ValueError, match="max_pixels"):
+        with cache.vision_chunk(VisionChunk(4, 4)):
+            pass
+
+
+def test_budget_in_megabytes_caps_resident_bytes():
+    bpt = 2 * L * H * D * 4  # fp32
+    assert bpt == 384
+    budget = CacheBudget.from_megabytes(45 * bpt / 1e6)  # room for 45 tokens
+    m, c = budget.resolve(bpt, PREFIX)
+    assert (m, c) == (40, 30)
+    with pytest.raises(ValueError, match="prefix"):
+        CacheBudget.from_megabytes(4 * bpt / 1e6).resolve(bpt, PREFIX)
+    with pytest.raises(ValueError):
+        CacheBudget(max_vision_tokens=10, max_bytes=100)
+    assert CacheBudget().resolve(bpt, PREFIX) == (None, None)
+
+
+def test_uncapped_cache_grows_linearly_without_compressing():
+    gen = torch.Generator().manual_seed(0)
+    full = CappedKVCache(L, H, D, budget=CacheBudget(), policy=None)
+    with full.prefix():
+        _write(full, PREFIX, gen)
+    sizes = []
+    for i in range(30):
+        with full.vision_chunk(VisionChunk(3, 4)):
+            _write(full, 12, gen)
+        sizes.append(full.stats().kv_bytes)
+    assert full.compressions == 0
+    assert all(b - a == 12 * full.bytes_per_token for a, b in zip(sizes, sizes[1:]))
+
+
+def test_capped_cache_never_reallocates_in_steady_state():
+    ptrs = set()
+
+    def check(cache, i):
+        if i >= 1:
+            ptrs.add(cache.layer_kv(0)[0].data_ptr())
+
+    _stream("infinipot_v", m=40, chunks=20, check=check)
+    assert len(ptrs) == 1
+
+
+def test_visibility_by_camera_and_time():
+    gen = torch.Generator().manual_seed(0)
+    cache = CappedKVCache(L, H, D, budget=CacheBudget(), policy=None)
+    with cache.prefix():
+        _write(cache, PREFIX, gen)
+    for i in range(4):
+        with cache.vision_chunk(VisionChunk(1, 2, camera=i % 2, stamp_ns=i * 100, end_stamp_ns=i * 100 + 50)):
+            _write(cache, 2, gen)
+    assert cache.visibility() is None
+    vis = cache.visibility(cameras=[1])
+    assert len(vis) == L and vis[0].shape == (1, H, PREFIX + 8)
+    assert vis[0][0, 0].tolist() == [True] * PREFIX + [False, False, True, True, False, False, True, True]
+    vis = cache.visibility(since_ns=120, until_ns=260)  # chunks 1 (100..150) and 2 (200..250)
+    assert vis[2][0, 1, PREFIX:].tolist() == [False, False, True, True, True, True, False, False]
+
+
+def test_stats_report_bytes_and_stamps():
+    cache, _ = _stream("infinipot_v", m=40, chunks=12)
+    st = cache.stats()
+    assert st.bytes_per_token == 2 * L * H * D * 4
+    assert st.kv_bytes == (PREFIX + st.vision_tokens) * st.bytes_per_token
+    assert st.kv_bytes_budget == (PREFIX + 40) * st.bytes_per_token
+    assert st.newest_stamp_ns == 11 * 10**9 + 5 * 10**8
+    assert st.oldest_stamp_ns == cache.table.records[0].chunk.stamp_ns
+    assert st.frames_in_cache == 2 * st.chunks_in_cache
+    assert st.tokens_evicted == 12 * 12 - st.vision_tokens
+
+
+def test_make_policy_names():
+    assert make_policy("none") is None
+    with pytest.raises(ValueError, match="unknown"):
+        make_policy("h2o")
+    pol = make_policy("infinipot_v", tar_ratio=0.25, recent_ratio=0.1, not_a_field=3)
+    assert (pol.tar_ratio, pol.recent_ratio) == (0.25, 0.1)
