@@ -1,0 +1,94 @@
+"""Settings of the streaming engine, shared by the ROS node and the CLI."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Tuple
+
+from ..kv import DEFAULT_POOL_KERNELS, POLICIES, CacheBudget, ScoringPolicy, make_policy
+from ..models import DEFAULT_MODEL
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs to start; validated in ``__post_init__``.
+
+    Attributes:
+        model: ``builtin:tiny-qwen2.5-vl``, a local directory or an HF id.
+        device: "auto" (CUDA if available), "cpu", "cuda", "cuda:N".
+        dtype: "auto" (bf16 on CUDA, fp32 on CPU), "float32", "bfloat16", "float16".
+        max_pixels: cap on pixels per frame after resizing (robots downscale).
+        min_pixels: floor on pixels per frame; None = the processor's.
+        system_prompt: system message; None = the adapter's default.
+        frame_rate_hz: frames per second sampled by header stamp; <= 0 = every frame.
+        policy: compression method (see ``kv.POLICIES``) or "none" for a full, uncapped cache.
+        max_vision_tokens: M, vision tokens per layer and KV head at the cap.
+        budget_mb: cap on the resident KV cache (prefix + vision) in MB (1e6 B);
+            used instead of max_vision_tokens when set.
+        target_ratio: C / M after a compression.
+        tar_ratio: alpha, share of C chosen by TaR (InfiniPot-V).
+        recent_ratio: share of cached frames treated as recent by TaR.
+        pool_kernels: VaN pooling kernels per layer quarter; () = no pooling.
+        reserve_tokens: KV slots beyond prefix + M for one chunk and a question/answer.
+        max_new_tokens: default answer length cap.
+        temperature: 0 = greedy decoding (repeatable), > 0 samples.
+    """
+
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    dtype: str = "auto"
+    max_pixels: int = 256 * 28 * 28
+    min_pixels: Optional[int] = None
+    system_prompt: Optional[str] = None
+    frame_rate_hz: float = 2.0
+    policy: str = "infinipot_v"
+    max_vision_tokens: Optional[int] = 4096
+    budget_mb: Optional[float] = None
+    target_ratio: float = 0.75
+    tar_ratio: float = 0.5
+    recent_ratio: float = 0.125
+    pool_kernels: Tuple[Tuple[int, int, int], ...] = field(default=DEFAULT_POOL_KERNELS)
+    reserve_tokens: int = 1024
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.policy != "none" and self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose none or one of {sorted(POLICIES)}")
+        if self.max_pixels < 28 * 28:
+            raise ValueError(f"max_pixels must be >= 784 (one 28x28 merged patch), got {self.max_pixels}")
+        if self.budget_mb is not None and self.budget_mb <= 0:
+            raise ValueError(f"budget_mb must be > 0, got {self.budget_mb}")
+        if self.policy != "none" and self.budget_mb is None and not self.max_vision_tokens:
+            raise ValueError("a compression policy needs a budget: max_vision_tokens or budget_mb")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.reserve_tokens < 0:
+            raise ValueError(f"reserve_tokens must be >= 0, got {self.reserve_tokens}")
+        self.pool_kernels = tuple(tuple(int(x) for x in k) for k in self.pool_kernels)  # type: ignore[assignment]
+        self.make_budget()  # validates target_ratio and the budget numbers
+        self.make_policy()  # validates the policy's own settings
+
+    @property
+    def capped(self) -> bool:
+        return self.policy != "none"
+
+    def make_budget(self) -> CacheBudget:
+        if not self.capped:
+            return CacheBudget()
+        if self.budget_mb is not None:
+            return CacheBudget.from_megabytes(self.budget_mb, target_ratio=self.target_ratio)
+        return CacheBudget(max_vision_tokens=self.max_vision_tokens, target_ratio=self.target_ratio)
+
+    def make_policy(self) -> Optional[ScoringPolicy]:
+        return make_policy(
+            self.policy,
+            tar_ratio=self.tar_ratio,
+            recent_ratio=self.recent_ratio,
+            pool_kernels=self.pool_kernels or None,
+        )
+
+    def adapter_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"max_pixels": self.max_pixels, "min_pixels": self.min_pixels}
+        if self.system_prompt:
+            kw["system_prompt"] = self.system_prompt
+        return kw

@@ -1,0 +1,449 @@
+"""Qwen2.5-VL adapter: streaming prefill with explicit M-RoPE positions onto a capped KV cache.
+
+All transformers touch points for the Qwen2.5-VL family are here; tested
+against transformers 5.17 and 5.24 (the ``past_key_values`` -> ``cache``
+keyword rename of 5.2x is handled by signature inspection).
+
+Prompt layout (the model's own chat template, split at the video):
+
+    <|im_start|>system ... <|im_start|>user\\n<|vision_start|>   <- protected prefix, positions 0..P-1
+    [temporal patch 0][temporal patch 1] ...                      <- vision chunks, 3-D M-RoPE
+    <|vision_end|>{question}<|im_end|>\\n<|im_start|>assistant\\n   <- scratch: question + answer
+
+M-RoPE positions of a chunk whose first frame is ``s`` seconds after the
+stream's first frame (grid rows x cols after the 2x2 merge): temporal
+``P + floor(s * tokens_per_second)``, height ``P + row``, width ``P + col``,
+which is what the model's ``get_rope_index`` gives a video sampled at the
+same instants. Text after the video starts at max(position) + 1.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..kv import CappedKVCache, VisionChunk
+from .base import Answer, EncodedPatch, ModelAdapter, TokenCallback
+
+log = logging.getLogger(__name__)
+
+#: Name under which the masked SDPA attention is registered with transformers.
+ATTN_IMPLEMENTATION = "infinipot_sdpa"
+_VISIBLE_KW = "infinipot_visible"
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are the visual assistant of a robot. You see the robot's camera stream as a video. "
+    "Answer questions about what the cameras have seen, briefly and factually."
+)
+
+
+def _masked_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """SDPA with an optional per-layer, per-KV-head visibility mask over cached tokens.
+
+    ``kwargs[_VISIBLE_KW]`` (when given) is a list, one entry per decoder
+    layer, of [B, H_kv, S0] bool: which of the first S0 cached tokens the
+    queries may see (tokens after S0, the question and answer, are visible).
+    It is combined with the causal mask and handed to transformers' SDPA.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    visible = kwargs.pop(_VISIBLE_KW, None)
+    layer_idx = getattr(module, "layer_idx", None)
+    if visible is not None and layer_idx is not None:
+        vis = visible[layer_idx]
+        b, h_q, q_len, _ = query.shape
+        kv_len = key.shape[2]
+        if vis.shape[-1] < kv_len:
+            pad = vis.new_ones(vis.shape[0], vis.shape[1], kv_len - vis.shape[-1])
+            vis = torch.cat([vis, pad], dim=-1)
+        mask = vis.repeat_interleave(h_q // vis.shape[1], dim=1)[:, :, None, :]  # [B, H_q, 1, kv]
+        causal = _causal_mask(q_len, kv_len, query.device)
+        mask = mask & causal
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            mask = mask & attention_mask
+        attention_mask = mask
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """[1, 1, q, kv] bool: query i (the last q of kv tokens) sees keys 0 .. kv-q+i."""
+    past = kv_len - q_len
+    q_idx = torch.arange(q_len, device=device)[:, None] + past
+    return (torch.arange(kv_len, device=device)[None, :] <= q_idx)[None, None]
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _masked_sdpa)
+
+
+_VIEW_CLASSES: dict[str, type] = {}
+
+
+def _make_cache_view(store: CappedKVCache):
+    """A transformers ``Cache`` whose layers write into ``store``.
+
+    Only ``update`` and ``get_seq_length`` are used: the adapter always
+    passes position ids and ready masks, so transformers never sizes masks
+    from the cache.
+    """
+    if not _VIEW_CLASSES:
+        from transformers.cache_utils import Cache, CacheLayerMixin
+
+        class _StoreLayer(CacheLayerMixin):
+            is_sliding = False
+            is_compileable = False
+
+            def __init__(self, store: CappedKVCache, idx: int) -> None:
+                super().__init__()
+                self.store = store
+                self.idx = idx
+                self.is_initialized = True
+
+            def lazy_initialization(self, key_states, value_states) -> None:
+                pass  # storage belongs to the store
+
+            def update(self, key_states, value_states, *args, **kwargs):
+                self.keys, self.values = self.store.update(self.idx, key_states, value_states)
+                return self.keys, self.values
+
+            def get_mask_sizes(self, *args, **kwargs):
+                raise RuntimeError("infinipot: attention masks come from the adapter, not the cache")
+
+            def get_seq_length(self, *args, **kwargs) -> int:
+                return self.store.get_seq_length(self.idx)
+
+            def get_max_length(self) -> int:
+                return -1
+
+        _VIEW_CLASSES["layer"] = _StoreLayer
+        _VIEW_CLASSES["cache"] = Cache
+    layer_cls, cache_cls = _VIEW_CLASSES["layer"], _VIEW_CLASSES["cache"]
+    return cache_cls(layers=[layer_cls(store, i) for i in range(store.num_layers)])
+
+
+class Qwen2_5_VLAdapter(ModelAdapter):
+    """Qwen2.5-VL (and the tiny test model of the same architecture) for streaming.
+
+    Args:
+        model_path: local directory or HF id (already resolved; see ``load_adapter``).
+        device: torch device ("cpu", "cuda", "cuda:0").
+        dtype: model and KV dtype (bf16 on CUDA, fp32 on CPU by default).
+        max_pixels: cap on pixels per frame after resizing (multiples of 28x28).
+        min_pixels: floor on pixels per frame; None keeps the processor's.
+        system_prompt: system message of the chat template.
+        local_files_only: never contact the hub.
+    """
+
+    family = "qwen2_5_vl"
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_pixels: int = 256 * 28 * 28,
+        min_pixels: Optional[int] = None,
+        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        local_files_only: bool = True,
+    ) -> None:
+        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+        _register_attention()
+        self.model_id = str(model_path)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            model_path,
+            dtype=dtype,
+            attn_implementation=ATTN_IMPLEMENTATION,
+            local_files_only=local_files_only,
+            use_safetensors=True,
+        ).to(self.device)
+        self.model.eval()
+        self.processor = AutoProcessor.from_pretrained(model_path, local_files_only=local_files_only)
+        self.tokenizer = self.processor.tokenizer
+
+        cfg = self.model.config
+        text_cfg = getattr(cfg, "text_config", cfg)
+        vis_cfg = cfg.vision_config
+        self.num_layers = text_cfg.num_hidden_layers
+        self.num_kv_heads = text_cfg.num_key_value_heads
+        self.head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
+        self.layer_types = list(getattr(text_cfg, "layer_types", None) or ["full_attention"] * self.num_layers)
+        self.frames_per_patch = int(vis_cfg.temporal_patch_size)
+        self.spatial_merge = int(vis_cfg.spatial_merge_size)
+        self.tokens_per_second = float(getattr(vis_cfg, "tokens_per_second", 1.0) or 1.0)
+        self.max_pixels = int(max_pixels)
+        self.min_pixels = min_pixels
+        self.system_prompt = system_prompt
+
+        self._lm = self.model.model.language_model
+        self._cache_kw = "cache" if "cache" in inspect.signature(self._lm.forward).parameters else "past_key_values"
+        self._video_kwargs = self._video_processor_kwargs()
+        self._prefix_text, self._suffix_template = self._split_template()
+        self._prefix_ids = self._encode(self._prefix_text)
+        self.eos_ids = self._eos_ids()
+
+    # ------------------------------------------------------------- templates
+    def _render(self, question: str) -> str:
+        messages = [
+            {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]},
+            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]},
+        ]
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _split_template(self) -> tuple[str, str]:
+        marker = "\x00QUESTION\x00"
+        text = self._render(marker)
+        pad = self._video_token()
+        if text.count(pad) != 1 or text.count(marker) != 1:
+            raise RuntimeError(f"chat template of {self.model_id} does not render one video then the question")
+        prefix, rest = text.split(pad)
+        if not prefix.endswith(self._vision_start_token()):
+            raise RuntimeError("chat template: expected <|vision_start|> right before the video")
+        return prefix, rest
+
+    def _video_token(self) -> str:
+        return getattr(self.processor, "video_token", None) or "<|video_pad|>"
+
+    def _vision_start_token(self) -> str:
+        return self.tokenizer.convert_ids_to_tokens(self.model.config.vision_start_token_id)
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for tok in ("<|im_end|>", "<|endoftext|>"):
+            tid = self.tokenizer.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
+                ids.add(tid)
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if isinstance(gen_eos, int):
+            ids.add(gen_eos)
+        elif gen_eos:
+            ids.update(gen_eos)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def question_ids(self, question: str) -> list[int]:
+        """Token ids of the scratch text for ``question`` (vision end .. assistant turn start)."""
+        return self._encode(self._suffix_template.replace("\x00QUESTION\x00", question))
+
+    @property
+    def prefix_ids(self) -> list[int]:
+        return list(self._prefix_ids)
+
+    # ------------------------------------------------------------------ vision
+    def _video_processor_kwargs(self) -> dict[str, Any]:
+        vp = self.processor.video_processor
+        size = dict(getattr(vp, "size", {}) or {})
+        size["longest_edge"] = self.max_pixels
+        if self.min_pixels is not None:
+            size["shortest_edge"] = self.min_pixels
+        size["shortest_edge"] = min(size.get("shortest_edge", 3136), self.max_pixels)
+        kwargs: dict[str, Any] = {"size": size, "do_sample_frames": False}
+        valid = getattr(vp, "valid_kwargs", None)
+        if valid is not None and "cap_pixels_per_frame" in getattr(valid, "__annotations__", {}):
+            kwargs["cap_pixels_per_frame"] = False  # our frames are capped by max_pixels alone
+        return kwargs
+
+    def patch_grid(self, height: int, width: int) -> tuple[int, int]:
+        """Merged token grid (rows, cols) a height x width frame gives; no model call."""
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        vp = self.processor.video_processor
+        factor = int(getattr(vp, "patch_size", 14)) * self.spatial_merge
+        h, w = smart_resize(
+            height, width, factor=factor, min_pixels=self._video_kwargs["size"]["shortest_edge"], max_pixels=self.max_pixels
+        )
+        return h // factor, w // factor
+
+    @torch.inference_mode()
+    def encode_patch(self, frames: Sequence[np.ndarray]) -> EncodedPatch:
+        """Vision-encode one temporal patch.
+
+        Args:
+            frames: ``frames_per_patch`` RGB uint8 arrays [H, W, 3], same size.
+
+        Returns:
+            EncodedPatch with embeds [n, hidden] in the model dtype.
+
+        Raises:
+            ValueError: wrong frame count, shapes or dtype.
+        """
+        if len(frames) != self.frames_per_patch:
+            raise ValueError(f"a temporal patch has {self.frames_per_patch} frames, got {len(frames)}")
+        shapes = {f.shape for f in frames}
+        if len(shapes) != 1:
+            raise ValueError(f"frames of one patch differ in size: {sorted(shapes)}")
+        shape = shapes.pop()
+        if len(shape) != 3 or shape[2] != 3 or frames[0].dtype != np.uint8:
+            raise ValueError(f"frames must be RGB uint8 [H, W, 3], got {shape} {frames[0].dtype}")
+        video = np.stack(frames)  # [T, H, W, 3]
+        out = self.processor.video_processor(videos=[video], return_tensors="pt", **self._video_kwargs)
+        grid = out["video_grid_thw"]
+        pixels = out["pixel_values_videos"].to(self.device, self.model.model.visual.dtype)
+        feats = self.model.model.get_video_features(pixels, grid.to(self.device))
+        feats = getattr(feats, "pooler_output", feats)
+        embeds = feats[0] if isinstance(feats, (tuple, list)) else feats
+        t, gh, gw = (int(x) for x in grid[0])
+        m = self.spatial_merge
+        return EncodedPatch(embeds.to(self.dtype), gh // m, gw // m, (gh * 14, gw * 14))
+
+    # --------------------------------------------------------------- positions
+    def chunk_positions(self, prefix_len: int, seconds: float, grid_h: int, grid_w: int) -> torch.Tensor:
+        """[3, n] M-RoPE position ids (temporal, height, width) of one chunk, row-major."""
+        t = prefix_len + int(math.floor(seconds * self.tokens_per_second + 1e-6))
+        rows = torch.arange(grid_h).repeat_interleave(grid_w) + prefix_len
+        cols = torch.arange(grid_w).repeat(grid_h) + prefix_len
+        return torch.stack([torch.full_like(rows, t), rows, cols])
+
+    @staticmethod
+    def next_text_position(cache: CappedKVCache) -> int:
+        """First position after everything cached: max(position) + 1 (prefix only: its length)."""
+        recs = cache.table.records
+        if not recs:
+            return cache.prefix_length
+        return max(int(r.chunk.meta["max_position"]) for r in recs) + 1
+
+    # --------------------------------------------------------------- forwards
+    def _forward(
+        self,
+        cache: CappedKVCache,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        *,
+        visible: Optional[list[torch.Tensor]] = None,
+        logits: str = "last",
+    ) -> Optional[torch.Tensor]:
+        """One forward of [n, hidden] embeddings at [3, n] positions, appending to the cache.
+
+        Returns [n, vocab] ("all") or [vocab] ("last") float32 logits, or None ("none").
+        """
+        n = embeds.shape[0]
+        past = cache.get_seq_length()
+        mask = None if past == 0 or n == 1 else _causal_mask(n, past + n, self.device)
+        kwargs: dict[str, Any] = {
+            "inputs_embeds": embeds[None].to(self.dtype),
+            "position_ids": positions.to(self.device)[:, None, :],
+            "attention_mask": {lt: mask for lt in set(self.layer_types)},
+            self._cache_kw: _make_cache_view(cache),
+            "use_cache": True,
+        }
+        if visible is not None:
+            kwargs[_VISIBLE_KW] = visible
+        out = self._lm(**kwargs)
+        hidden = out.last_hidden_state[0]
+        if logits == "none":
+            return None
+        if logits == "last":
+            hidden = hidden[-1:]
+        result = self.model.lm_head(hidden).float()
+        return result[-1] if logits == "last" else result
+
+    @torch.inference_mode()
+    def prefill_prefix(self, cache: CappedKVCache) -> int:
+        ids = torch.tensor(self._prefix_ids, device=self.device)
+        embeds = self.model.get_input_embeddings()(ids)
+        pos = torch.arange(len(ids)).expand(3, -1)
+        with cache.prefix():
+            self._forward(cache, embeds, pos, logits="none")
+        return len(ids)
+
+    @torch.inference_mode()
+    def prefill_patch(
+        self,
+        cache: CappedKVCache,
+        patch: EncodedPatch,
+        chunk: VisionChunk,
+        return_logits: bool = False,
+        *,
+        seconds: float = 0.0,
+    ) -> Optional[torch.Tensor]:
+        """Prefill one encoded patch as a chunk; the cache compresses itself if it fills.
+
+        Args:
+            cache: the stream's cache (prefix written).
+            patch: output of :meth:`encode_patch`.
+            chunk: its metadata (camera, stamps); grid must match the patch.
+            return_logits: return [n, vocab] logits of the chunk's tokens (tests).
+            seconds: time of the patch's first frame since the stream's first frame (header stamps).
+        """
+        if (chunk.grid_h, chunk.grid_w) != (patch.grid_h, patch.grid_w):
+            raise ValueError(f"chunk grid {chunk.grid_h}x{chunk.grid_w} != patch grid {patch.grid_h}x{patch.grid_w}")
+        pos = self.chunk_positions(cache.prefix_length, seconds, patch.grid_h, patch.grid_w)
+        chunk.meta["temporal_position"] = int(pos[0, 0])
+        chunk.meta["max_position"] = int(pos.max())
+        with cache.vision_chunk(chunk):
+            return self._forward(cache, patch.embeds, pos, logits="all" if return_logits else "none")
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        cache: CappedKVCache,
+        question: str,
+        *,
+        max_new_tokens: int = 128,
+        visible: Optional[list[torch.Tensor]] = None,
+        on_text: Optional[TokenCallback] = None,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> Answer:
+        """Answer from the cache; question and answer tokens are removed afterwards.
+
+        Greedy decoding by default (repeatable answers); ``temperature`` > 0
+        samples with a generator seeded by ``seed``.
+
+        Args:
+            visible: per-layer [B, H_kv, S] bool from ``cache.visibility``; None = all.
+            on_text: called with each new piece of text; returning False stops.
+        """
+        q_ids = self.question_ids(question)
+        if not q_ids:
+            raise ValueError("empty question")
+        start = self.next_text_position(cache)
+        embed = self.model.get_input_embeddings()
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        out_ids: list[int] = []
+        text = ""
+        stopped = "max_new_tokens"
+        context = cache.get_seq_length()
+        if visible is not None:
+            context = int(round(sum(int(v[0].sum()) for v in visible) / (len(visible) * visible[0].shape[1])))
+        with cache.scratch():
+            ids = torch.tensor(q_ids, device=self.device)
+            pos = (torch.arange(len(q_ids)) + start).expand(3, -1)
+            logits = self._forward(cache, embed(ids), pos, visible=visible)
+            next_pos = start + len(q_ids)
+            for step in range(max_new_tokens):
+                if temperature > 0:
+                    probs = torch.softmax(logits.cpu() / temperature, dim=-1)
+                    tok = int(torch.multinomial(probs, 1, generator=gen))
+                else:
+                    tok = int(torch.argmax(logits))
+                if tok in self.eos_ids:
+                    stopped = "eos"
+                    break
+                out_ids.append(tok)
+                new_text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+                piece, text = new_text[len(text):], new_text
+                if on_text is not None and piece and on_text(piece) is False:
+                    stopped = "cancelled"
+                    break
+                if step + 1 == max_new_tokens:
+                    break
+                ids = torch.tensor([tok], device=self.device)
+                logits = self._forward(
+                    cache, embed(ids), torch.full((3, 1), next_pos), visible=visible
+                )
+                next_pos += 1
+        return Answer(text=text.strip(), token_ids=out_ids, context_tokens=context, stopped_by=stopped)
