@@ -220,6 +220,10 @@ class CappedKVCache:
         self.last_compression: Optional[CompressionEvent] = None
 
     # ------------------------------------------------------------------ writes
+    # Every tensor write runs under inference mode: a KV cache never needs
+    # autograd, and buffers created inside a model's inference_mode forward
+    # can then be compressed in place from anywhere.
+    @torch.inference_mode()
     def update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append new K/V for one layer and return everything cached for it.
 
@@ -252,6 +256,7 @@ class CappedKVCache:
         k = self._keys[layer_idx]
         return 0 if k is None else k.shape[2]
 
+    @torch.inference_mode()
     def _ensure_capacity(self, layer_idx: int, needed: int) -> None:
         cap = self._capacity(layer_idx)
         if needed <= cap:
@@ -327,6 +332,13 @@ class CappedKVCache:
         n = chunk.num_tokens
         with self._transaction(n):
             yield
+        self._label_vision(chunk)
+        if self.max_vision_tokens is not None and self._vision_len > self.max_vision_tokens:
+            self.compress()
+
+    @torch.inference_mode()
+    def _label_vision(self, chunk: VisionChunk) -> None:
+        n = chunk.num_tokens
         rec = self.table.append(chunk)
         ids = torch.arange(rec.first_token_id, rec.first_token_id + n, device=self.device)
         start = self._vision_len
@@ -334,9 +346,8 @@ class CappedKVCache:
             self._ensure_id_capacity(layer, start + n)
             self._token_ids[layer][:, :, start : start + n] = ids
         self._vision_len += n
-        if self.max_vision_tokens is not None and self._vision_len > self.max_vision_tokens:
-            self.compress()
 
+    @torch.inference_mode()
     def _ensure_id_capacity(self, layer_idx: int, needed: int) -> None:
         ids = self._token_ids[layer_idx]
         cap = 0 if ids is None else ids.shape[2]
@@ -366,6 +377,7 @@ class CappedKVCache:
             self._truncate_all(before)
 
     # ------------------------------------------------------------- compression
+    @torch.inference_mode()
     def compress(self, target: Optional[int] = None) -> Optional[CompressionEvent]:
         """Compress the vision region of every layer in place to ``target`` (default C) tokens per head.
 
