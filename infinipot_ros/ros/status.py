@@ -1,0 +1,105 @@
+"""Engine statistics -> CacheStatus and DiagnosticArray messages; ROS time helpers."""
+from __future__ import annotations
+
+from typing import Optional
+
+from builtin_interfaces.msg import Time
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+
+from ..engine import EngineStats
+from ..msg import CacheStatus
+
+_STATES = {"loading": CacheStatus.STATE_LOADING, "ready": CacheStatus.STATE_READY, "error": CacheStatus.STATE_ERROR}
+
+
+def time_to_ns(t: Time) -> int:
+    """builtin_interfaces/Time -> int nanoseconds."""
+    return int(t.sec) * 1_000_000_000 + int(t.nanosec)
+
+
+def ns_to_time(ns: int) -> Time:
+    """int nanoseconds (>= 0) -> builtin_interfaces/Time."""
+    ns = max(0, int(ns))
+    return Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
+
+
+def _u32(x: Optional[int]) -> int:
+    return max(0, min(int(x or 0), 2**32 - 1))
+
+
+def to_cache_status(stats: EngineStats, stamp: Time, frame_id: str = "") -> CacheStatus:
+    """Fill a CacheStatus from an engine snapshot (cache fields are 0 while loading)."""
+    msg = CacheStatus()
+    msg.header.stamp = stamp
+    msg.header.frame_id = frame_id
+    msg.state = _STATES.get(stats.state, CacheStatus.STATE_ERROR)
+    msg.model_id = stats.model_id
+    msg.device = stats.device
+    msg.policy = stats.policy
+    msg.error_message = stats.error
+    c = stats.cache
+    if c is not None:
+        msg.kv_bytes_used = c.kv_bytes
+        msg.kv_bytes_budget = c.kv_bytes_budget
+        msg.kv_bytes_reserved = c.kv_bytes_reserved
+        msg.tokens_in_cache = _u32(c.tokens)
+        msg.tokens_budget = _u32(c.prefix_tokens + c.max_vision_tokens if c.max_vision_tokens else 0)
+        msg.prefix_tokens = _u32(c.prefix_tokens)
+        msg.vision_tokens = _u32(c.vision_tokens)
+        msg.vision_tokens_budget = _u32(c.max_vision_tokens)
+        msg.compressions_total = _u32(c.compressions)
+        msg.tokens_evicted_total = c.tokens_evicted
+        msg.frames_in_cache = _u32(c.frames_in_cache)
+        msg.oldest_frame_stamp = ns_to_time(c.oldest_stamp_ns)
+        msg.newest_frame_stamp = ns_to_time(c.newest_stamp_ns)
+        msg.last_compression_ms = float(c.last_compression_ms)
+    f = stats.frames
+    msg.frames_received = f.received
+    msg.frames_sampled = f.sampled
+    msg.frames_ingested = f.ingested
+    msg.frames_dropped = f.dropped
+    msg.frames_rejected = f.rejected
+    msg.ingest_fps = float(stats.ingest_fps)
+    msg.last_chunk_ms = float(stats.last_chunk_ms)
+    msg.device_memory_used_bytes = stats.device_memory_used
+    msg.device_memory_total_bytes = stats.device_memory_total
+    msg.process_rss_bytes = stats.rss_bytes
+    return msg
+
+
+def to_diagnostics(stats: EngineStats, stamp: Time, node_name: str) -> DiagnosticArray:
+    """One DiagnosticStatus: OK when ready and under budget, WARN while loading, ERROR on error."""
+    st = DiagnosticStatus(name=f"{node_name}: KV cache", hardware_id=stats.device)
+    if stats.state == "error":
+        st.level, st.message = DiagnosticStatus.ERROR, stats.error or "error"
+    elif stats.state == "loading":
+        st.level, st.message = DiagnosticStatus.WARN, "loading model"
+    else:
+        st.level, st.message = DiagnosticStatus.OK, "ready"
+    c = stats.cache
+    values = {
+        "model": stats.model_id,
+        "policy": stats.policy,
+        "frames_received": stats.frames.received,
+        "frames_ingested": stats.frames.ingested,
+        "frames_dropped": stats.frames.dropped,
+        "frames_rejected": stats.frames.rejected,
+        "ingest_fps": f"{stats.ingest_fps:.2f}",
+        "process_rss_MB": f"{stats.rss_bytes / 1e6:.1f}",
+    }
+    if c is not None:
+        values.update({
+            "kv_MB": f"{c.kv_bytes / 1e6:.3f}",
+            "kv_budget_MB": f"{c.kv_bytes_budget / 1e6:.3f}",
+            "vision_tokens": c.vision_tokens,
+            "vision_tokens_budget": c.max_vision_tokens or 0,
+            "compressions": c.compressions,
+            "last_compression_ms": f"{c.last_compression_ms:.2f}",
+        })
+        if c.max_vision_tokens and c.vision_tokens > c.max_vision_tokens and st.level == DiagnosticStatus.OK:
+            st.level, st.message = DiagnosticStatus.WARN, "over budget"
+    st.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
+    arr = DiagnosticArray()
+    arr.header.stamp = stamp
+    arr.status = [st]
+    return arr
