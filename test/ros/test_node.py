@@ -8,13 +8,12 @@ import cv2
 import numpy as np
 import pytest
 
-rclpy = pytest.importorskip("rclpy")
+import rclpy  # noqa: E402
 from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
-msg_pkg = pytest.importorskip("infinipot_ros.msg", reason="interfaces not built: run `make build` and source install/setup.bash")
 from infinipot_ros.engine import EngineConfig, StreamingAssistant  # noqa: E402
 from infinipot_ros.msg import CacheStatus  # noqa: E402
 from infinipot_ros.ros.node import STATUS_QOS, AssistantNode  # noqa: E402
