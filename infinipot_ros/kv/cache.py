@@ -176,6 +176,9 @@ class CappedKVCache:
         reserve_tokens: slots allocated beyond prefix + M for the chunk being
             prefilled and the question/answer, so a capped cache never
             reallocates in steady state.
+        layers_per_pass: layers scored together in one batched compression
+            pass; bounds the transient memory of a compression to about that
+            many layers' vision K/V (fp32 keys for TaR plus the kept tokens).
     """
 
     def __init__(
@@ -190,6 +193,7 @@ class CappedKVCache:
         policy: Optional[ScoringPolicy] = None,
         batch_size: int = 1,
         reserve_tokens: int = 1024,
+        layers_per_pass: int = 12,
     ) -> None:
         if budget.capped and policy is None:
             raise ValueError("a capped budget needs a compression policy")
@@ -202,11 +206,14 @@ class CappedKVCache:
         self.policy = policy
         self.batch_size = batch_size
         self.reserve_tokens = reserve_tokens
+        self.layers_per_pass = max(1, layers_per_pass)
         self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
-        self._keys: list[Optional[torch.Tensor]] = [None] * num_layers
-        self._values: list[Optional[torch.Tensor]] = [None] * num_layers
-        self._token_ids: list[Optional[torch.Tensor]] = [None] * num_layers  # [B, H, cap] int64, vision slots
+        # One buffer per K and V for all layers, [L, B, H_kv, capacity, D], so a
+        # group of consecutive layers is one strided view (batched compression).
+        self._keys: Optional[torch.Tensor] = None
+        self._values: Optional[torch.Tensor] = None
+        self._token_ids: Optional[torch.Tensor] = None  # [L, B, H_kv, capacity] int64, vision slots
         self._len = [0] * num_layers
         self._prefix_len = 0
         self._vision_len = 0
@@ -245,20 +252,21 @@ class CappedKVCache:
                 f"cache of [B={self.batch_size}, H_kv={self.num_kv_heads}, S, D={self.head_dim}]"
             )
         start = self._len[layer_idx]
-        self._ensure_capacity(layer_idx, start + n)
+        self._ensure_capacity(start + n)
         k, v = self._keys[layer_idx], self._values[layer_idx]
         k[:, :, start : start + n].copy_(key_states)
         v[:, :, start : start + n].copy_(value_states)
         self._len[layer_idx] = start + n
         return k[:, :, : start + n], v[:, :, : start + n]
 
-    def _capacity(self, layer_idx: int) -> int:
-        k = self._keys[layer_idx]
-        return 0 if k is None else k.shape[2]
+    @property
+    def capacity(self) -> int:
+        """Allocated token slots per layer and head."""
+        return 0 if self._keys is None else self._keys.shape[3]
 
     @torch.inference_mode()
-    def _ensure_capacity(self, layer_idx: int, needed: int) -> None:
-        cap = self._capacity(layer_idx)
+    def _ensure_capacity(self, needed: int) -> None:
+        cap = self.capacity
         if needed <= cap:
             return
         if self.max_vision_tokens is not None:
@@ -268,14 +276,16 @@ class CappedKVCache:
         else:
             target = max(needed, int(cap * 1.5), 1024)
         target = (target + 255) // 256 * 256
-        shape = (self.batch_size, self.num_kv_heads, target, self.head_dim)
+        shape = (self.num_layers, self.batch_size, self.num_kv_heads, target, self.head_dim)
         new_k = torch.empty(shape, dtype=self.dtype, device=self.device)
         new_v = torch.empty(shape, dtype=self.dtype, device=self.device)
-        used = self._len[layer_idx]
-        if used:
-            new_k[:, :, :used].copy_(self._keys[layer_idx][:, :, :used])
-            new_v[:, :, :used].copy_(self._values[layer_idx][:, :, :used])
-        self._keys[layer_idx], self._values[layer_idx] = new_k, new_v
+        new_ids = torch.empty(shape[:4], dtype=torch.long, device=self.device)
+        if self._keys is not None:
+            used = max(self._len)
+            new_k[..., :used, :].copy_(self._keys[..., :used, :])
+            new_v[..., :used, :].copy_(self._values[..., :used, :])
+            new_ids[..., : self._vision_len].copy_(self._token_ids[..., : self._vision_len])
+        self._keys, self._values, self._token_ids = new_k, new_v, new_ids
 
     def _truncate_all(self, lengths: Sequence[int]) -> None:
         self._len = list(lengths)
@@ -340,24 +350,10 @@ class CappedKVCache:
     def _label_vision(self, chunk: VisionChunk) -> None:
         n = chunk.num_tokens
         rec = self.table.append(chunk)
-        ids = torch.arange(rec.first_token_id, rec.first_token_id + n, device=self.device)
         start = self._vision_len
-        for layer in range(self.num_layers):
-            self._ensure_id_capacity(layer, start + n)
-            self._token_ids[layer][:, :, start : start + n] = ids
+        self._token_ids[..., start : start + n] = torch.arange(rec.first_token_id, rec.first_token_id + n,
+                                                               device=self.device)
         self._vision_len += n
-
-    @torch.inference_mode()
-    def _ensure_id_capacity(self, layer_idx: int, needed: int) -> None:
-        ids = self._token_ids[layer_idx]
-        cap = 0 if ids is None else ids.shape[2]
-        if needed <= cap:
-            return
-        target = max(needed, self._capacity(layer_idx))
-        new = torch.empty((self.batch_size, self.num_kv_heads, target), dtype=torch.long, device=self.device)
-        if ids is not None:
-            new[:, :, : self._vision_len].copy_(ids[:, :, : self._vision_len])
-        self._token_ids[layer_idx] = new
 
     @contextlib.contextmanager
     def scratch(self) -> Iterator[None]:
@@ -381,10 +377,12 @@ class CappedKVCache:
     def compress(self, target: Optional[int] = None) -> Optional[CompressionEvent]:
         """Compress the vision region of every layer in place to ``target`` (default C) tokens per head.
 
-        Per layer: the policy scores [B, H_kv, S_v] tokens, :func:`keep_topk`
-        picks ``target`` per head in original order, the kept K/V/ids are
-        gathered into the front of the vision region. One layer at a time, so
-        the transient extra memory is one layer's kept tokens.
+        Per group of consecutive layers (the policy's layer groups, at most
+        ``layers_per_pass`` at a time, batched along N = layers x B): the
+        policy scores [N, H_kv, S_v] tokens, :func:`keep_topk` picks ``target``
+        per head in original order, the kept K/V/ids are gathered into the
+        front of the vision region. The transient extra memory is one pass's
+        scoring tensors and kept tokens.
 
         Returns:
             The event, or None when there was nothing to drop.
@@ -403,25 +401,23 @@ class CappedKVCache:
         if before <= keep:
             return None
         t0 = time.perf_counter()
-        p = self._prefix_len
-        for layer in range(self.num_layers):
-            k = self._keys[layer]
-            v = self._values[layer]
-            k_vis = k[:, :, p : p + before]
-            v_vis = v[:, :, p : p + before]
-            ids = self._token_ids[layer][:, :, :before]
-            layout = self.table.layout(ids)
+        p, b, h = self._prefix_len, self.batch_size, self.num_kv_heads
+        for group in self._layer_passes():
+            lo, hi = group[0], group[-1] + 1  # consecutive layers: one strided view, no copy
+            k_vis = self._keys[lo:hi, :, :, p : p + before].reshape(-1, h, before, self.head_dim)
+            v_vis = self._values[lo:hi, :, :, p : p + before].reshape(-1, h, before, self.head_dim)
+            ids = self._token_ids[lo:hi, :, :, :before].reshape(-1, h, before)
             scores = self.policy.score(
-                k_vis, v_vis, layout, layer_idx=layer, num_layers=self.num_layers, keep=keep
+                k_vis, v_vis, self.table.layout(ids), layers=group, num_layers=self.num_layers, keep=keep
             )
-            idx = keep_topk(scores, keep)
-            k[:, :, p : p + keep] = gather_tokens(k_vis, idx)
-            v[:, :, p : p + keep] = gather_tokens(v_vis, idx)
-            self._token_ids[layer][:, :, :keep] = gather_tokens(ids, idx)
-            self._len[layer] = p + keep
+            idx = keep_topk(scores, keep)  # [(hi - lo) * B, H, keep]
+            shape = (hi - lo, b, h, keep)
+            self._keys[lo:hi, :, :, p : p + keep] = gather_tokens(k_vis, idx).view(*shape, self.head_dim)
+            self._values[lo:hi, :, :, p : p + keep] = gather_tokens(v_vis, idx).view(*shape, self.head_dim)
+            self._token_ids[lo:hi, :, :, :keep] = gather_tokens(ids, idx).view(shape)
+        self._len = [p + keep] * self.num_layers
         self._vision_len = keep
-        live = torch.cat([t[:, :, :keep].reshape(-1) for t in self._token_ids])
-        dropped = self.table.prune(live)
+        dropped = self.table.prune(self._token_ids[..., :keep])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         event = CompressionEvent(before, keep, (time.perf_counter() - t0) * 1e3, dropped)
@@ -429,6 +425,14 @@ class CappedKVCache:
         self.tokens_evicted += before - keep
         self.last_compression = event
         return event
+
+    def _layer_passes(self) -> list[list[int]]:
+        """The policy's layer groups, split into passes of at most ``layers_per_pass`` layers."""
+        passes = []
+        for group in self.policy.layer_groups(self.num_layers):
+            for i in range(0, len(group), self.layers_per_pass):
+                passes.append(group[i : i + self.layers_per_pass])
+        return passes
 
     # ------------------------------------------------------------------- reads
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -446,11 +450,11 @@ class CappedKVCache:
     def layer_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """([B, H_kv, S, D], [B, H_kv, S, D]) views of what one layer holds now."""
         n = self._len[layer_idx]
-        return self._keys[layer_idx][:, :, :n], self._values[layer_idx][:, :, :n]
+        return self._keys[layer_idx, :, :, :n], self._values[layer_idx, :, :, :n]
 
     def vision_token_ids(self, layer_idx: int) -> torch.Tensor:
         """[B, H_kv, S_v] global ids of the vision tokens a layer holds (see :mod:`.layout`)."""
-        return self._token_ids[layer_idx][:, :, : self._vision_len]
+        return self._token_ids[layer_idx, :, :, : self._vision_len]
 
     def vision_layout(self, layer_idx: int) -> VisionLayout:
         """Source of every vision token one layer holds."""
@@ -503,7 +507,7 @@ class CappedKVCache:
             scratch_tokens=self._len[0] - self._prefix_len - self._vision_len,
             max_vision_tokens=self.max_vision_tokens,
             target_vision_tokens=self.target_vision_tokens,
-            capacity_tokens=self._capacity(0),
+            capacity_tokens=self.capacity,
             compressions=self.compressions,
             tokens_evicted=self.tokens_evicted,
             last_compression_ms=self.last_compression.ms if self.last_compression else 0.0,

@@ -100,27 +100,49 @@ class ChunkTable:
         self._lookup = None
 
     def prune(self, live_token_ids: torch.Tensor) -> int:
-        """Drop chunks none of whose tokens is in ``live_token_ids``; returns how many."""
+        """Drop chunks none of whose tokens is in ``live_token_ids``; returns how many (one host sync)."""
         if not self._records:
             return 0
-        live_chunks = set(self.chunk_index(live_token_ids.flatten().unique()).tolist())
-        kept = [r for i, r in enumerate(self._records) if i in live_chunks]
+        present = torch.bincount(self.chunk_index(live_token_ids.reshape(-1)), minlength=len(self._records))
+        alive = (present > 0).tolist()
+        kept = [r for r, a in zip(self._records, alive) if a]
         dropped = len(self._records) - len(kept)
         if dropped:
             self._records = kept
             self._lookup = None
         return dropped
 
-    def _tables(self, device: torch.device) -> dict[str, torch.Tensor]:
+    def _tables(self, device: torch.device) -> dict:
+        """Per-record lookup tensors (on ``device``) and host-side grid facts, rebuilt when the table changes."""
         if self._lookup is None or self._lookup["first"].device != device:
             recs = self._records
+            cams = sorted({r.chunk.camera for r in recs})
+            slot = {c: i for i, c in enumerate(cams)}
+            counts = [0] * len(cams)
+            t_local = []
+            for r in recs:
+                k = slot[r.chunk.camera]
+                t_local.append(counts[k])
+                counts[k] += 1
+
+            def col(values):
+                return torch.tensor(values, dtype=torch.long, device=device)
+
             self._lookup = {
-                "first": torch.tensor([r.first_token_id for r in recs], dtype=torch.long, device=device),
-                "grid_w": torch.tensor([r.chunk.grid_w for r in recs], dtype=torch.long, device=device),
-                "camera": torch.tensor([r.chunk.camera for r in recs], dtype=torch.long, device=device),
-                "stamp": torch.tensor([r.chunk.stamp_ns for r in recs], dtype=torch.long, device=device),
-                "end_stamp": torch.tensor([r.chunk.end_stamp_ns for r in recs], dtype=torch.long, device=device),
-                "chunk_id": torch.tensor([r.chunk_id for r in recs], dtype=torch.long, device=device),
+                "first": col([r.first_token_id for r in recs]),
+                "grid_w": col([r.chunk.grid_w for r in recs]),
+                "camera": col([r.chunk.camera for r in recs]),
+                "slot": col([slot[r.chunk.camera] for r in recs]),
+                "t_local": col(t_local),
+                "stamp": col([r.chunk.stamp_ns for r in recs]),
+                "end_stamp": col([r.chunk.end_stamp_ns for r in recs]),
+                "chunk_id": col([r.chunk_id for r in recs]),
+                # host-side: per camera slot, frames cached and the largest grid
+                "frames_per_slot": counts,
+                "grid_per_slot": [
+                    (max(r.chunk.grid_h for r in recs if r.chunk.camera == c),
+                     max(r.chunk.grid_w for r in recs if r.chunk.camera == c)) for c in cams
+                ],
             }
         return self._lookup
 
@@ -129,36 +151,42 @@ class ChunkTable:
         first = self._tables(token_ids.device)["first"]
         return torch.searchsorted(first, token_ids.contiguous(), right=True) - 1
 
-    def layout(self, token_ids: torch.Tensor, recent_ratio: float = 0.0) -> "VisionLayout":
-        """Per-token source information for a [B, H_kv, S] tensor of token ids."""
+    def layout(self, token_ids: torch.Tensor) -> "VisionLayout":
+        """Per-token source information for a [N, H_kv, S] tensor of token ids (N = batch x layers)."""
         t = self._tables(token_ids.device)
         ci = self.chunk_index(token_ids)
-        first = t["first"][ci]
+        local = token_ids - t["first"][ci]
         grid_w = t["grid_w"][ci]
-        local = token_ids - first
         return VisionLayout(
             chunk=ci,
             chunk_id=t["chunk_id"][ci],
             row=torch.div(local, grid_w, rounding_mode="floor"),
             col=local % grid_w,
             camera=t["camera"][ci],
+            camera_slot=t["slot"][ci],
+            t_local=t["t_local"][ci],
             stamp_ns=t["stamp"][ci],
             end_stamp_ns=t["end_stamp"][ci],
             records=self._records,
+            frames_per_slot=list(t["frames_per_slot"]),
+            grid_per_slot=list(t["grid_per_slot"]),
         )
 
 
 @dataclass
 class VisionLayout:
-    """Source of every vision token in one layer's cache, all tensors [B, H_kv, S] int64.
+    """Source of every cached vision token, tensors [N, H_kv, S] int64 (N = batch x layers).
 
     Attributes:
         chunk: index into ``records`` (0 = oldest chunk still in the table).
         chunk_id: stream-wide sequential chunk id (temporal order).
         row, col: spatial index on the chunk's merged grid.
-        camera: camera index.
+        camera: camera index; camera_slot: dense index of the camera among those cached.
+        t_local: order of the token's chunk among its camera's cached chunks (time axis).
         stamp_ns, end_stamp_ns: header stamps of the chunk's frames (ns).
         records: the chunk table rows ``chunk`` indexes.
+        frames_per_slot, grid_per_slot: host-side, per camera slot: cached chunks and
+            the largest (rows, cols) grid, so scorers size dense grids without a device sync.
     """
 
     chunk: torch.Tensor
@@ -166,33 +194,48 @@ class VisionLayout:
     row: torch.Tensor
     col: torch.Tensor
     camera: torch.Tensor
+    camera_slot: torch.Tensor
+    t_local: torch.Tensor
     stamp_ns: torch.Tensor
     end_stamp_ns: torch.Tensor
-    records: list[ChunkRecord]
+    records: list
+    frames_per_slot: list
+    grid_per_slot: list
 
-    def spatial_key(self) -> torch.Tensor:
-        """[B, H_kv, S] int64 id of (camera, row, col): equal ids = same place in the image."""
-        return (self.camera << 40) | (self.row << 20) | self.col
+    def spatial_index(self) -> tuple[torch.Tensor, int]:
+        """([N, H_kv, S] dense id of (camera, row, col), number of ids): equal ids = same place in the image."""
+        offsets, total = [], 0
+        for h, w in self.grid_per_slot:
+            offsets.append(total)
+            total += h * w
+        widths = torch.tensor([w for _, w in self.grid_per_slot], dtype=torch.long, device=self.row.device)
+        offs = torch.tensor(offsets, dtype=torch.long, device=self.row.device)
+        return offs[self.camera_slot] + self.row * widths[self.camera_slot] + self.col, total
 
     def recent_mask(self, recent_ratio: float) -> torch.Tensor:
-        """[B, H_kv, S] bool: tokens of the most recent frames, per camera.
+        """[N, H_kv, S] bool: tokens of the most recent frames, per camera (see :meth:`recent_selection`)."""
+        return self.recent_selection(recent_ratio)[0]
+
+    def recent_selection(self, recent_ratio: float) -> tuple[torch.Tensor, int]:
+        """Tokens of the most recent frames, per camera: ([N, H_kv, S] bool mask, tokens per head).
 
         The number of recent chunks per camera is r = max(1, round(recent_ratio
         * S_cam / p_cam)): recent_ratio of the camera's cached tokens counted in
         (pseudo-)frames of p_cam tokens, p_cam the size of its newest chunk
-        (InfiniPot-V Sec. 4.2: r = 1/8 of the frames in the cache).
+        (InfiniPot-V Sec. 4.2: r = 1/8 of the frames in the cache). Recent
+        chunks are kept whole by every head and layer, so tokens are counted on
+        row [0, 0] (one host sync per call) and the count is the chunks' size.
         """
-        mask = torch.zeros_like(self.chunk, dtype=torch.bool)
-        # Token counts are equal in every (batch, head) row; use the first row.
-        cams = self.camera[0, 0]
-        chunk_ids = self.chunk_id[0, 0]
-        for cam in cams.unique().tolist():
-            in_cam = cams == cam
-            s_cam = int(in_cam.sum())
-            newest = int(chunk_ids[in_cam].max())
-            p_cam = self.records[int(self.chunk[0, 0][in_cam][chunk_ids[in_cam] == newest][0])].chunk.num_tokens
-            r = max(1, round(recent_ratio * s_cam / p_cam))
-            cam_chunk_ids = chunk_ids[in_cam].unique()  # sorted ascending
-            threshold = cam_chunk_ids[max(0, cam_chunk_ids.numel() - r)]
-            mask |= (self.camera == cam) & (self.chunk_id >= threshold)
-        return mask
+        n_slots = len(self.grid_per_slot)
+        tokens_per_slot = torch.bincount(self.camera_slot[0, 0], minlength=n_slots).tolist()
+        per_cam: dict = {}
+        for rec in self.records:  # stream order: the last record of a camera is its newest
+            per_cam.setdefault(rec.chunk.camera, []).append(rec)
+        threshold, n_tokens = [], 0
+        for k, cam in enumerate(sorted(per_cam)):
+            recs = per_cam[cam]
+            r = max(1, round(recent_ratio * tokens_per_slot[k] / recs[-1].chunk.num_tokens))
+            threshold.append(recs[max(0, len(recs) - r)].chunk_id)
+            n_tokens += sum(rec.chunk.num_tokens for rec in recs[-r:])
+        thr = torch.tensor(threshold, dtype=torch.long, device=self.chunk_id.device)
+        return self.chunk_id >= thr[self.camera_slot], n_tokens

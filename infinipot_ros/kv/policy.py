@@ -7,7 +7,7 @@ and keeps the ``keep`` best tokens of every KV head.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 import torch
 
@@ -25,28 +25,35 @@ class ScoringPolicy:
 
     name: ClassVar[str] = "base"
 
+    def layer_groups(self, num_layers: int) -> list[list[int]]:
+        """Layers that may be scored together in one batched call (consecutive; default: all)."""
+        return [list(range(num_layers))]
+
     def score(
         self,
         keys: torch.Tensor,
         values: torch.Tensor,
         layout: VisionLayout,
         *,
-        layer_idx: int,
+        layers: Sequence[int],
         num_layers: int,
         keep: int,
     ) -> torch.Tensor:
-        """Score every cached vision token of one layer.
+        """Score the cached vision tokens of a group of layers at once.
+
+        The batch axis N holds layer-major (layer, batch) pairs: N = len(layers) x B.
 
         Args:
-            keys: [B, H_kv, S, D] cached keys (after rotary embedding).
-            values: [B, H_kv, S, D] cached values.
-            layout: source of each token, tensors [B, H_kv, S].
-            layer_idx: index of this decoder layer (0 = closest to the input).
+            keys: [N, H_kv, S, D] cached keys (after rotary embedding).
+            values: [N, H_kv, S, D] cached values.
+            layout: source of each token, tensors [N, H_kv, S].
+            layers: the decoder layers in N order (0 = closest to the input),
+                all from one of :meth:`layer_groups`.
             num_layers: number of decoder layers.
             keep: tokens per head that will be kept (the target C).
 
         Returns:
-            [B, H_kv, S] float32 scores.
+            [N, H_kv, S] float32 scores.
         """
         raise NotImplementedError
 

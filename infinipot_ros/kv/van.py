@@ -42,15 +42,16 @@ def pool_on_grid(scores: torch.Tensor, layout: VisionLayout, kernel: Kernel) -> 
     Only tokens present in the cache count: the mean is taken over the
     kernel's window restricted to cached tokens (masked average), so evicted
     neighbours neither dilute nor inflate a score. The time axis is the order
-    of the camera's chunks that still have tokens in the cache.
+    of the camera's chunks that still have tokens in the cache; cameras are
+    pooled independently (one channel each). No host synchronisation.
 
     Args:
-        scores: [B, H_kv, S] float scores.
-        layout: source of each token ([B, H_kv, S] tensors).
+        scores: [N, H_kv, S] float scores (N = batch x layers).
+        layout: source of each token ([N, H_kv, S] tensors).
         kernel: odd window sizes (time, rows, cols); (1, 1, 1) returns scores.
 
     Returns:
-        [B, H_kv, S] float32 pooled scores.
+        [N, H_kv, S] float32 pooled scores.
 
     Raises:
         ValueError: if a kernel size is even or < 1.
@@ -59,27 +60,23 @@ def pool_on_grid(scores: torch.Tensor, layout: VisionLayout, kernel: Kernel) -> 
         raise ValueError(f"pooling kernel sizes must be odd and >= 1, got {kernel}")
     if tuple(kernel) == (1, 1, 1):
         return scores.float()
-    b, h, s = scores.shape
-    out = scores.float().clone()
-    flat_scores = scores.float().reshape(b * h, s)
-    for cam in layout.camera.unique().tolist():
-        sel = layout.camera == cam  # [B, H, S]; same count per row is not required
-        chunk_ids = layout.chunk_id[sel]
-        uniq_chunks, t_index = torch.unique(chunk_ids, return_inverse=True)
-        rows = layout.row[sel]
-        cols = layout.col[sel]
-        n_t, n_r, n_c = uniq_chunks.numel(), int(rows.max()) + 1, int(cols.max()) + 1
-        bh_index = torch.arange(b * h, device=scores.device).reshape(b, h, 1).expand(b, h, s)[sel]
-        grid = scores.new_zeros(b * h, 1, n_t, n_r, n_c, dtype=torch.float32)
-        mask = torch.zeros_like(grid)
-        grid[bh_index, 0, t_index, rows, cols] = flat_scores.reshape(b, h, s)[sel]
-        mask[bh_index, 0, t_index, rows, cols] = 1.0
-        pad = tuple(k // 2 for k in kernel)
-        num = F.avg_pool3d(grid, kernel, stride=1, padding=pad, count_include_pad=True)
-        den = F.avg_pool3d(mask, kernel, stride=1, padding=pad, count_include_pad=True)
-        pooled = num / den.clamp(min=1e-12)
-        out[sel] = pooled[bh_index, 0, t_index, rows, cols]
-    return out
+    n, h, s = scores.shape
+    t_max = max(layout.frames_per_slot)
+    r_max = max(g[0] for g in layout.grid_per_slot)
+    c_max = max(g[1] for g in layout.grid_per_slot)
+    grid = scores.new_zeros(n * h, len(layout.grid_per_slot), t_max, r_max, c_max, dtype=torch.float32)
+    mask = torch.zeros_like(grid)
+    bh = torch.arange(n * h, device=scores.device).view(n, h, 1).expand(n, h, s)
+    where = (bh, layout.camera_slot, layout.t_local, layout.row, layout.col)
+    grid.index_put_(where, scores.float())
+    mask.index_put_(where, torch.ones_like(grid[0, 0, 0, 0, 0]).expand(n, h, s))
+    # Zero-pad explicitly (avg_pool3d refuses inputs smaller than the kernel even with padding);
+    # zeros are harmless: the masked mean divides by the pooled presence mask.
+    kt, kh, kw = kernel
+    pad = (kw // 2, kw // 2, kh // 2, kh // 2, kt // 2, kt // 2)
+    num = F.avg_pool3d(F.pad(grid, pad), kernel, stride=1)
+    den = F.avg_pool3d(F.pad(mask, pad), kernel, stride=1)
+    return (num / den.clamp(min=1e-12))[where]
 
 
 @dataclass
@@ -105,14 +102,27 @@ class VaNPolicy(ScoringPolicy):
                 if any(x < 1 or x % 2 == 0 for x in k):
                     raise ValueError(f"pooling kernel sizes must be odd and >= 1, got {k}")
 
-    def van_scores(self, values: torch.Tensor, layout: VisionLayout, layer_idx: int, num_layers: int) -> torch.Tensor:
+    def layer_groups(self, num_layers: int) -> list[list[int]]:
+        """Consecutive layers sharing a pooling kernel (scored together)."""
+        if self.pool_kernels is None:
+            return [list(range(num_layers))]
+        groups: dict = {}
+        for layer in range(num_layers):
+            groups.setdefault(kernel_for_layer(self.pool_kernels, layer, num_layers), []).append(layer)
+        return sorted(groups.values())
+
+    def van_scores(self, values: torch.Tensor, layout: VisionLayout, layers: Sequence[int], num_layers: int) -> torch.Tensor:
+        """[N, H_kv, S] value norms, pooled with the kernel of ``layers`` (all in one group)."""
         norms = value_norms(values)
         if self.pool_kernels is None:
             return norms
-        return pool_on_grid(norms, layout, kernel_for_layer(self.pool_kernels, layer_idx, num_layers))
+        kernels = {kernel_for_layer(self.pool_kernels, layer, num_layers) for layer in layers}
+        if len(kernels) != 1:
+            raise ValueError(f"layers {list(layers)} use different pooling kernels {kernels}; score them apart")
+        return pool_on_grid(norms, layout, kernels.pop())
 
-    def score(self, keys, values, layout, *, layer_idx, num_layers, keep):
-        return self.van_scores(values, layout, layer_idx, num_layers)
+    def score(self, keys, values, layout, *, layers, num_layers, keep):
+        return self.van_scores(values, layout, layers, num_layers)
 
 
 @dataclass

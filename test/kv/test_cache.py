@@ -232,3 +232,20 @@ def test_make_policy_names():
         make_policy("h2o")
     pol = make_policy("infinipot_v", tar_ratio=0.25, recent_ratio=0.1, not_a_field=3)
     assert (pol.tar_ratio, pol.recent_ratio) == (0.25, 0.1)
+
+
+@pytest.mark.parametrize("name", ["infinipot_v", "van_pool", "tar"])
+def test_batched_layer_passes_equal_one_layer_at_a_time(name):
+    results = []
+    for per_pass in (1, 2, 12):
+        gen = torch.Generator().manual_seed(3)
+        cache = CappedKVCache(L, H, D, budget=CacheBudget(max_vision_tokens=40), policy=make_policy(name),
+                              layers_per_pass=per_pass)
+        with cache.prefix():
+            _write(cache, PREFIX, gen)
+        for i in range(9):
+            with cache.vision_chunk(VisionChunk(3, 4, camera=i % 2)):
+                _write(cache, 12, gen)
+        results.append([cache.vision_token_ids(layer).clone() for layer in range(L)])
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
