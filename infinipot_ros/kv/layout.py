@@ -92,13 +92,6 @@ class ChunkTable:
         self._lookup = None
         return rec
 
-    def pop_last(self) -> None:
-        """Undo the last append (used when a prefill fails half-way)."""
-        rec = self._records.pop()
-        self._next_chunk_id -= 1
-        self._next_token_id -= rec.chunk.num_tokens
-        self._lookup = None
-
     def prune(self, live_token_ids: torch.Tensor) -> int:
         """Drop chunks none of whose tokens is in ``live_token_ids``; returns how many (one host sync)."""
         if not self._records:

@@ -33,7 +33,8 @@ from ..msg import CacheStatus
 from ..srv import Ask
 from .conversions import ImageConversionError, conversion_backend, message_to_rgb
 from .params import NodeSettings, declare_parameters, read_parameters
-from .status import ns_to_time, time_to_ns, to_cache_status, to_diagnostics
+from .stamps import ns_to_time, time_to_ns
+from .status import to_cache_status, to_diagnostics
 
 STATUS_QOS = QoSProfile(
     depth=1,

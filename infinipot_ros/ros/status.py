@@ -1,4 +1,4 @@
-"""Engine statistics -> CacheStatus and DiagnosticArray messages; ROS time helpers."""
+"""Engine statistics -> CacheStatus and DiagnosticArray messages."""
 from __future__ import annotations
 
 from typing import Optional
@@ -8,19 +8,9 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 
 from ..engine import EngineStats
 from ..msg import CacheStatus
+from .stamps import ns_to_time, time_to_ns  # noqa: F401  (re-exported for the node and tools)
 
 _STATES = {"loading": CacheStatus.STATE_LOADING, "ready": CacheStatus.STATE_READY, "error": CacheStatus.STATE_ERROR}
-
-
-def time_to_ns(t: Time) -> int:
-    """builtin_interfaces/Time -> int nanoseconds."""
-    return int(t.sec) * 1_000_000_000 + int(t.nanosec)
-
-
-def ns_to_time(ns: int) -> Time:
-    """int nanoseconds (>= 0) -> builtin_interfaces/Time."""
-    ns = max(0, int(ns))
-    return Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
 
 
 def _u32(x: Optional[int]) -> int:

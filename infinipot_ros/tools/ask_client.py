@@ -65,7 +65,7 @@ def ask_main(argv: Optional[Sequence[str]] = None) -> int:
 
     import rclpy
 
-    from ..ros.status import ns_to_time, time_to_ns
+    from ..ros.stamps import ns_to_time, time_to_ns
     from ..srv import Ask
 
     rclpy.init(args=[sys.argv[0], *ros_args])

@@ -41,6 +41,8 @@ from rclpy.serialization import deserialize_message
 from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import CompressedImage, Image
 
+from ..ros.stamps import ns_to_time, time_to_ns
+
 __all__ = [
     "IMAGE_MSGTYPES",
     "ReplayError",
@@ -69,20 +71,11 @@ class ReplayError(RuntimeError):
 # --------------------------------------------------------------------------
 # message helpers
 # --------------------------------------------------------------------------
-def _ns_to_time(ns: int) -> TimeMsg:
-    ns = max(0, int(ns))
-    return TimeMsg(sec=ns // _NS, nanosec=ns % _NS)
-
-
-def _time_to_ns(t: Any) -> int:
-    return int(t.sec) * _NS + int(t.nanosec)
-
-
 def _pixels_to_image_msg(pixels: np.ndarray, stamp_ns: int, frame_id: str, encoding: str) -> Image:
     """[H, W, 3] uint8 already in `encoding` channel order -> Image (no colour conversion)."""
     pixels = np.ascontiguousarray(pixels)
     msg = Image()
-    msg.header.stamp = _ns_to_time(stamp_ns)
+    msg.header.stamp = ns_to_time(stamp_ns)
     msg.header.frame_id = frame_id
     msg.height, msg.width = int(pixels.shape[0]), int(pixels.shape[1])
     msg.encoding = encoding
@@ -122,7 +115,7 @@ def rgb_to_image_msg(frame: np.ndarray, stamp: Union[int, TimeMsg, Any], frame_i
         frame = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
     elif encoding != "rgb8":
         raise ValueError(f"encoding must be 'rgb8' or 'bgr8', got {encoding!r}")
-    stamp_ns = int(stamp) if isinstance(stamp, (int, np.integer)) else _time_to_ns(stamp)
+    stamp_ns = int(stamp) if isinstance(stamp, (int, np.integer)) else time_to_ns(stamp)
     return _pixels_to_image_msg(frame, stamp_ns, frame_id, encoding)
 
 
@@ -433,7 +426,7 @@ class Replayer:
             for item in self.source:
                 if self._stop.is_set() or self._limit_reached(result):
                     break
-                stamp = _time_to_ns(item.msg.header.stamp)
+                stamp = time_to_ns(item.msg.header.stamp)
                 if loop_t0_wall is None:
                     if result.loops and period_ns and self.rate > 0:  # one nominal period between loops
                         self._sleep_until(last_wall + period_ns / _NS / self.rate, last_wall, None)
@@ -452,7 +445,7 @@ class Replayer:
                 prev_rec = item.time_ns
                 if offset_ns:
                     stamp += offset_ns
-                    item.msg.header.stamp = _ns_to_time(stamp)
+                    item.msg.header.stamp = ns_to_time(stamp)
                 self._publish_clock(stamp)
                 self._publishers[item.topic].publish(item.msg)
                 last_wall = time.monotonic()
@@ -510,7 +503,7 @@ class Replayer:
         if self._clock_pub is None or stamp_ns <= self._last_clock_ns:
             return
         self._last_clock_ns = stamp_ns
-        self._clock_pub.publish(Clock(clock=_ns_to_time(stamp_ns)))
+        self._clock_pub.publish(Clock(clock=ns_to_time(stamp_ns)))
         self._clock_count += 1
 
     def _sleep_until(self, target: float, since_wall: float, next_stamp: Optional[int]) -> None:

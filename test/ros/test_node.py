@@ -17,7 +17,7 @@ from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 from infinipot_ros.engine import EngineConfig, StreamingAssistant  # noqa: E402
 from infinipot_ros.msg import CacheStatus  # noqa: E402
 from infinipot_ros.ros.node import STATUS_QOS, AssistantNode  # noqa: E402
-from infinipot_ros.ros.status import ns_to_time  # noqa: E402
+from infinipot_ros.ros.stamps import ns_to_time  # noqa: E402
 from infinipot_ros.srv import Ask  # noqa: E402
 from infinipot_ros.tools.replay import rgb_to_image_msg  # noqa: E402
 
