@@ -74,7 +74,7 @@ def stream(adapter, model_dir: str, video: str, policy: str, args) -> dict:
     comp_ms = 0.0
     ingest_ms = 0.0
     offset = 0
-    for loop in range(args.loops):
+    for _ in range(args.loops):
         cap = cv2.VideoCapture(video)
         fps = cap.get(cv2.CAP_PROP_FPS) or 10.0
         i = 0

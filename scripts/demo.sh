@@ -44,8 +44,8 @@ if command -v ros2 >/dev/null; then
     > "$work/node.log" 2>&1 &
   HAVE_ROS2=1
 else
-  echo "no 'ros2' command here: starting the node directly (python -m infinipot_ros.ros.node)"
-  python -m infinipot_ros.ros.node --ros-args --params-file "$params" -p "stream.image_topics:=[/camera/image_raw]" \
+  echo "no 'ros2' command here: starting the node directly (infinipot-assistant --ros-args --params-file ...)"
+  infinipot-assistant --ros-args --params-file "$params" -p "stream.image_topics:=[/camera/image_raw]" \
     > "$work/node.log" 2>&1 &
   HAVE_ROS2=0
 fi

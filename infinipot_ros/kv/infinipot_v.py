@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional, Tuple
 
-import torch
 
 from .policy import ScoringPolicy
 from .selection import keep_topk

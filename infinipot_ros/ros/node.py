@@ -240,3 +240,9 @@ def main(args=None) -> int:
         if rclpy.ok():
             rclpy.shutdown()
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -5,7 +5,6 @@ import threading
 import time
 
 import cv2
-import numpy as np
 import pytest
 
 import rclpy  # noqa: E402
