@@ -26,9 +26,10 @@ monitor_pid=""
 cleanup() {
   [ -n "$monitor_pid" ] && kill "$monitor_pid" 2>/dev/null || true
   if [ -n "$node_pid" ] && kill -0 "$node_pid" 2>/dev/null; then
-    kill -INT -- "-$node_pid" 2>/dev/null || kill -INT "$node_pid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$node_pid" 2>/dev/null || break; sleep 0.1; done
+    kill -INT "$node_pid" 2>/dev/null || true   # ros2 launch forwards SIGINT to the node
+    for _ in $(seq 100); do kill -0 "$node_pid" 2>/dev/null || break; sleep 0.1; done
     kill -TERM -- "-$node_pid" 2>/dev/null || true
+    grep -E "process has finished|process has died" "$work/node.log" || true
   fi
   echo "(demo files and logs: $work)"
 }

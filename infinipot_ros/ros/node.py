@@ -220,23 +220,28 @@ class AssistantNode(Node):
 def main(args=None) -> int:
     """Entry point (ros2 run infinipot_ros assistant_node / launch file)."""
     rclpy.init(args=args)
-    node = None
-    executor = MultiThreadedExecutor(num_threads=4)
     try:
         node = AssistantNode()
+    except ValueError as exc:  # bad parameters: say so plainly, no traceback
+        print(f"infinipot_assistant: bad parameters: {exc}", flush=True)
+        rclpy.shutdown()
+        return 2
+    executor = MultiThreadedExecutor(num_threads=4)
+    try:
         executor.add_node(node)
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
-    except ValueError as exc:  # bad parameters: say so plainly
-        print(f"infinipot_assistant: {exc}", flush=True)
-        return 2
     finally:
-        if node is not None:
+        # A second Ctrl-C (launch forwards SIGINT, a terminal sends another) must not
+        # turn a clean shutdown into a traceback and a non-zero exit code.
+        try:
             node.shutdown()
             executor.remove_node(node)
             node.destroy_node()
-        executor.shutdown()
+            executor.shutdown()
+        except KeyboardInterrupt:
+            pass
         if rclpy.ok():
             rclpy.shutdown()
     return 0
