@@ -110,12 +110,8 @@ def test_recent_policy_keeps_newest_and_uniform_spreads():
 
 
 def test_failed_forward_rolls_back_every_layer():
-    gen = torch.Generator().manual_seed(0)
-    cache = CappedKVCache(L, H, D, budget=CacheBudget(max_vision_tokens=40), policy=make_policy("infinipot_v"))
-    with cache.prefix():
-        _write(cache, PREFIX, gen)
-    with cache.vision_chunk(VisionChunk(3, 4)):
-        _write(cache, 12, gen)
+    cache, _ = _stream("infinipot_v", m=40, chunks=1)  # prefix + one 3x4 chunk
+    gen = torch.Generator().manual_seed(1)
     before = [tuple(t.clone() for t in cache.layer_kv(layer)) for layer in range(L)]
     with pytest.raises(RuntimeError, match="boom"):
         with cache.vision_chunk(VisionChunk(3, 4)):
@@ -131,12 +127,8 @@ def test_failed_forward_rolls_back_every_layer():
 
 
 def test_scratch_is_removed_and_blocks_vision():
-    gen = torch.Generator().manual_seed(0)
-    cache = CappedKVCache(L, H, D, budget=CacheBudget(max_vision_tokens=40), policy=make_policy("infinipot_v"))
-    with cache.prefix():
-        _write(cache, PREFIX, gen)
-    with cache.vision_chunk(VisionChunk(3, 4)):
-        _write(cache, 12, gen)
+    cache, _ = _stream("infinipot_v", m=40, chunks=1)  # prefix + one 3x4 chunk
+    gen = torch.Generator().manual_seed(1)
     with cache.scratch():
         _write(cache, 7, gen)
         _write(cache, 1, gen)
