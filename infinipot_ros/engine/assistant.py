@@ -253,12 +253,7 @@ class StreamingAssistant:
                 if unknown:
                     raise AskError("BAD_REQUEST", f"unknown camera(s) {unknown}; known: {sorted(self._cameras)}")
                 cam_idx = [self._cameras[c] for c in cameras]
-            recs = [
-                r.chunk for r in self.cache.table.records
-                if (cam_idx is None or r.chunk.camera in cam_idx)
-                and (since_ns <= 0 or r.chunk.end_stamp_ns >= since_ns)
-                and (until_ns <= 0 or r.chunk.stamp_ns <= until_ns)
-            ]
+            recs = [r.chunk for r in self.cache.table.records if r.chunk.selected_by(cam_idx, since_ns, until_ns)]
             if not recs:
                 what = "no frames ingested yet" if not len(self.cache.table) else "no cached frame matches the cameras/time window"
                 raise AskError("NO_FRAMES", what)

@@ -158,7 +158,7 @@ class CacheStateError(RuntimeError):
 
 
 class CappedKVCache:
-    """Per-layer K/V buffers [B, H_kv, capacity, D] with a protected prefix and a capped vision region.
+    """K/V buffers [L, B, H_kv, capacity, D] with a protected prefix and a capped vision region per layer.
 
     The model writes through :meth:`update` (one call per layer per forward,
     as transformers' Cache API does); the engine brackets every forward in
@@ -478,19 +478,17 @@ class CappedKVCache:
         """
         if cameras is None and since_ns <= 0 and until_ns <= 0:
             return None
+        # The rule is per chunk (host side); tokens look up their chunk's verdict.
+        chunk_ok = torch.tensor(
+            [r.chunk.selected_by(cameras, since_ns, until_ns) for r in self.table.records],
+            dtype=torch.bool, device=self.device,
+        )
+        p, s = self._prefix_len, self._vision_len
+        vision_ok = chunk_ok[self.table.chunk_index(self._token_ids[..., :s])]  # [L, B, H_kv, S_v]
         masks = []
         for layer in range(self.num_layers):
-            lay = self.vision_layout(layer)
-            ok = torch.ones_like(lay.chunk, dtype=torch.bool)
-            if cameras is not None:
-                ok &= torch.isin(lay.camera, torch.tensor(list(cameras), dtype=torch.long, device=self.device))
-            if since_ns > 0:
-                ok &= lay.end_stamp_ns >= since_ns
-            if until_ns > 0:
-                ok &= lay.stamp_ns <= until_ns
-            b, h = self.batch_size, self.num_kv_heads
-            full = torch.ones(b, h, self._len[layer], dtype=torch.bool, device=self.device)
-            full[:, :, self._prefix_len : self._prefix_len + self._vision_len] = ok
+            full = torch.ones(self.batch_size, self.num_kv_heads, self._len[layer], dtype=torch.bool, device=self.device)
+            full[:, :, p : p + s] = vision_ok[layer]
             masks.append(full)
         return masks
 

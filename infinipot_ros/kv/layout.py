@@ -12,7 +12,7 @@ Sec. 4.2, "track the source of every kept token").
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -49,6 +49,15 @@ class VisionChunk:
     @property
     def num_tokens(self) -> int:
         return self.grid_h * self.grid_w
+
+    def selected_by(self, cameras: Optional[Sequence[int]] = None, since_ns: int = 0, until_ns: int = 0) -> bool:
+        """True if the chunk's camera is in ``cameras`` (None = any) and its frames
+        overlap [since_ns, until_ns] (header stamps, ns; 0 = open end)."""
+        return (
+            (cameras is None or self.camera in cameras)
+            and (since_ns <= 0 or self.end_stamp_ns >= since_ns)
+            and (until_ns <= 0 or self.stamp_ns <= until_ns)
+        )
 
 
 @dataclass
