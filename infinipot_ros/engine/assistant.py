@@ -144,8 +144,7 @@ class StreamingAssistant:
     def count_frames(self, **deltas: int) -> None:
         """Add to the frame counters (received, sampled, dropped, ...) under the engine lock."""
         with self._lock:
-            for name, delta in deltas.items():
-                setattr(self.counters, name, getattr(self.counters, name) + delta)
+            self.counters.add(**deltas)
 
     # ----------------------------------------------------------------- ingest
     def camera_index(self, camera: str) -> int:

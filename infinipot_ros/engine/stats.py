@@ -64,6 +64,11 @@ class FrameCounters:
     dropped: int = 0  # sampled, then replaced by a newer frame before the worker took it
     rejected: int = 0  # malformed/unsupported, or failed to encode/prefill
 
+    def add(self, **deltas: int) -> None:
+        """Add to counters by name, e.g. ``add(received=1, sampled=1)``."""
+        for name, delta in deltas.items():
+            setattr(self, name, getattr(self, name) + delta)
+
 
 @dataclass
 class EngineStats:

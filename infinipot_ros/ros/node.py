@@ -126,8 +126,7 @@ class AssistantNode(Node):
         if self._engine is not None:
             self._engine.count_frames(**deltas)
         else:
-            for k, v in deltas.items():
-                setattr(self._pre_counts, k, getattr(self._pre_counts, k) + v)
+            self._pre_counts.add(**deltas)
 
     def _on_image(self, camera: str, msg) -> None:
         self._count(received=1)
