@@ -76,9 +76,19 @@ class ModelAdapter:
         raise NotImplementedError
 
     def prefill_patch(
-        self, cache: CappedKVCache, patch: EncodedPatch, chunk: VisionChunk, return_logits: bool = False
+        self,
+        cache: CappedKVCache,
+        patch: EncodedPatch,
+        chunk: VisionChunk,
+        return_logits: bool = False,
+        *,
+        seconds: float = 0.0,
     ) -> Optional[torch.Tensor]:
-        """Prefill one encoded patch onto the cache (compressing if it fills); optional [n, vocab] logits."""
+        """Prefill one encoded patch onto the cache (compressing if it fills); optional [n, vocab] logits.
+
+        ``seconds``: time of the patch's first frame since the stream's first frame
+        (header stamps), which the adapter turns into temporal positions.
+        """
         raise NotImplementedError
 
     def generate(
@@ -89,6 +99,7 @@ class ModelAdapter:
         max_new_tokens: int,
         visible: Optional[list[torch.Tensor]] = None,
         on_text: Optional[TokenCallback] = None,
+        temperature: float = 0.0,
     ) -> Answer:
         """Answer ``question`` from the cache; the cache is left exactly as before."""
         raise NotImplementedError

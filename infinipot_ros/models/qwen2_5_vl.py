@@ -19,7 +19,6 @@ same instants. Text after the video starts at max(position) + 1.
 from __future__ import annotations
 
 import inspect
-import logging
 import math
 from typing import Any, Optional, Sequence
 
@@ -28,8 +27,6 @@ import torch
 
 from ..kv import CappedKVCache, VisionChunk
 from .base import Answer, EncodedPatch, ModelAdapter, TokenCallback
-
-log = logging.getLogger(__name__)
 
 #: Name under which the masked SDPA attention is registered with transformers.
 ATTN_IMPLEMENTATION = "infinipot_sdpa"
