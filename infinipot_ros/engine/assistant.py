@@ -58,7 +58,10 @@ class IngestResult:
     camera: str
     stamp_ns: int
     status: str
-    ms: float = 0.0  # wall time spent on this frame (encode + prefill + compression)
+    ms: float = 0.0  # wall time spent on this frame (encode + prefill + compression), ms
+    encode_ms: float = 0.0  # vision encoding of the patch (ms)
+    prefill_ms: float = 0.0  # language-model prefill of its tokens, compression excluded (ms)
+    compression_ms: float = 0.0  # KV compression this patch triggered, 0 if none (ms)
     chunk_tokens: int = 0  # vision tokens the patch added
     compression: Optional[CompressionEvent] = None
     error: str = ""
@@ -77,6 +80,8 @@ class AskResult:
     newest_stamp_ns: int
     latency_s: float  # wall time inside the engine (prefill of the question + decoding)
     stopped_by: str
+    ttft_s: float = 0.0  # time to first token: question prefill + first decoded token (s)
+    decode_tok_s: float = 0.0  # decoded tokens per second after the first (0 if fewer than 2)
 
 
 def validate_frame(frame: np.ndarray) -> np.ndarray:
@@ -191,8 +196,12 @@ class StreamingAssistant:
             self._origin_ns = first_stamp
         seconds = max(0.0, (first_stamp - self._origin_ns) / 1e9)
         compressions_before = self.cache.compressions
+        cuda = self.adapter.device.type == "cuda"
         try:
             patch = self.adapter.encode_patch([f for f, _ in group])
+            if cuda:  # split encode from prefill honestly: wait for the vision tower
+                torch.cuda.synchronize(self.adapter.device)
+            t_enc = time.perf_counter()
             chunk = VisionChunk(
                 patch.grid_h, patch.grid_w, camera=self.camera_index(camera),
                 stamp_ns=first_stamp, end_stamp_ns=last_stamp, num_frames=len(group),
@@ -203,15 +212,21 @@ class StreamingAssistant:
             log.error("ingest of %s @ %d failed: %s", camera, first_stamp, exc)
             return IngestResult(camera, last_stamp, "rejected", ms=(time.perf_counter() - t0) * 1e3,
                                 error=f"{type(exc).__name__}: {exc}")
-        if self.adapter.device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize(self.adapter.device)
-        ms = (time.perf_counter() - t0) * 1e3
+        t_end = time.perf_counter()
+        ms = (t_end - t0) * 1e3
         self.counters.ingested += len(group)
         for _ in group:
             self._ingest_rate.tick()
         self._last_chunk_ms = ms
         event = self.cache.last_compression if self.cache.compressions > compressions_before else None
-        return IngestResult(camera, last_stamp, "ingested", ms=ms, chunk_tokens=chunk.num_tokens, compression=event)
+        comp_ms = event.ms if event is not None else 0.0
+        return IngestResult(
+            camera, last_stamp, "ingested", ms=ms, encode_ms=(t_enc - t0) * 1e3,
+            prefill_ms=max(0.0, (t_end - t_enc) * 1e3 - comp_ms), compression_ms=comp_ms,
+            chunk_tokens=chunk.num_tokens, compression=event,
+        )
 
     # -------------------------------------------------------------------- ask
     def ask(
@@ -276,6 +291,8 @@ class StreamingAssistant:
                 newest_stamp_ns=max(c.end_stamp_ns for c in recs),
                 latency_s=time.perf_counter() - t0,
                 stopped_by=answer.stopped_by,
+                ttft_s=answer.ttft_s,
+                decode_tok_s=answer.decode_tok_s,
             )
 
     # ------------------------------------------------------------------ stats

@@ -44,6 +44,8 @@ class Answer:
     token_ids: list[int] = field(default_factory=list)
     context_tokens: int = 0  # cached tokens visible to the answer (per layer and head, mean over layers)
     stopped_by: str = "eos"  # "eos", "max_new_tokens" or "cancelled"
+    ttft_s: float = 0.0  # question prefill + first token (s)
+    decode_tok_s: float = 0.0  # tokens per second after the first (0 with fewer than 2 tokens)
 
 
 #: Called with each new piece of answer text as it is decoded; return False to stop.

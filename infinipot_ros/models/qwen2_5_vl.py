@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import time
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -404,6 +405,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):
             visible: per-layer [B, H_kv, S] bool from ``cache.visibility``; None = all.
             on_text: called with each new piece of text; returning False stops.
         """
+        t0 = time.perf_counter()
         q_ids = self.question_ids(question)
         if not q_ids:
             raise ValueError("empty question")
@@ -427,6 +429,8 @@ class Qwen2_5_VLAdapter(ModelAdapter):
                     tok = int(torch.multinomial(probs, 1, generator=gen))
                 else:
                     tok = int(torch.argmax(logits))
+                if step == 0:
+                    t_first = time.perf_counter()
                 if tok in self.eos_ids:
                     stopped = "eos"
                     break
@@ -443,4 +447,8 @@ class Qwen2_5_VLAdapter(ModelAdapter):
                     cache, embed(ids), torch.full((3, 1), next_pos), visible=visible
                 )
                 next_pos += 1
-        return Answer(text=text.strip(), token_ids=out_ids, context_tokens=context, stopped_by=stopped)
+        t_end = time.perf_counter()
+        ttft = (t_first - t0) if max_new_tokens > 0 else 0.0
+        tps = (len(out_ids) - 1) / (t_end - t_first) if len(out_ids) > 1 and t_end > t_first else 0.0
+        return Answer(text=text.strip(), token_ids=out_ids, context_tokens=context, stopped_by=stopped,
+                      ttft_s=ttft, decode_tok_s=tps)
