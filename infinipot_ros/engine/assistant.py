@@ -267,10 +267,12 @@ class StreamingAssistant:
                 if unknown:
                     raise AskError("BAD_REQUEST", f"unknown camera(s) {unknown}; known: {sorted(self._cameras)}")
                 cam_idx = [self._cameras[c] for c in cameras]
-            recs = [r.chunk for r in self.cache.table.records if r.chunk.selected_by(cam_idx, since_ns, until_ns)]
-            if not recs:
+            table = self.cache.table
+            selected = table.select(cam_idx, since_ns, until_ns)
+            if not selected.any():
                 what = "no frames ingested yet" if not len(self.cache.table) else "no cached frame matches the cameras/time window"
                 raise AskError("NO_FRAMES", what)
+            oldest, newest = table.stamp_range(selected)
             visible = self.cache.visibility(cam_idx, since_ns, until_ns)
             try:
                 answer = self.adapter.generate(
@@ -286,9 +288,9 @@ class StreamingAssistant:
                 answer=answer.text,
                 generated_tokens=len(answer.token_ids),
                 context_tokens=answer.context_tokens,
-                frames_in_context=sum(c.num_frames for c in recs),
-                oldest_stamp_ns=min(c.stamp_ns for c in recs),
-                newest_stamp_ns=max(c.end_stamp_ns for c in recs),
+                frames_in_context=table.frames(selected),
+                oldest_stamp_ns=oldest,
+                newest_stamp_ns=newest,
                 latency_s=time.perf_counter() - t0,
                 stopped_by=answer.stopped_by,
                 ttft_s=answer.ttft_s,

@@ -19,7 +19,7 @@ class RecentPolicy(ScoringPolicy):
 
     name: ClassVar[str] = "recent"
 
-    def score(self, keys, values, layout, *, layers, num_layers, keep):
+    def score(self, keys, value_norms, layout, *, layers, num_layers, keep):
         b, h, s, _ = keys.shape
         return torch.arange(s, device=keys.device, dtype=torch.float32).expand(b, h, s).clone()
 
@@ -34,7 +34,7 @@ class UniformPolicy(ScoringPolicy):
 
     name: ClassVar[str] = "uniform"
 
-    def score(self, keys, values, layout, *, layers, num_layers, keep):
+    def score(self, keys, value_norms, layout, *, layers, num_layers, keep):
         b, h, s, _ = keys.shape
         scores = torch.zeros(b, h, s, device=keys.device, dtype=torch.float32)
         if keep > 0:

@@ -174,11 +174,15 @@ class CappedKVCache:
         policy: scores tokens at compression; required when the budget caps.
         batch_size: B (a stream is 1).
         reserve_tokens: slots allocated beyond prefix + M for the chunk being
-            prefilled and the question/answer, so a capped cache never
+            prefilled or the question + answer (never both at once: a chunk is
+            never appended inside a scratch block), so a capped cache never
             reallocates in steady state.
         layers_per_pass: layers scored together in one batched compression
-            pass; bounds the transient memory of a compression to about that
-            many layers' vision K/V (fp32 keys for TaR plus the kept tokens).
+            pass; 0 (default) = all layers in one pass, so the number of
+            operations per compression does not grow with the layer count.
+            A smaller value bounds the transient memory of a compression to
+            about that many layers' vision K/V (fp32 keys for TaR plus the
+            kept tokens).
     """
 
     def __init__(
@@ -193,7 +197,7 @@ class CappedKVCache:
         policy: Optional[ScoringPolicy] = None,
         batch_size: int = 1,
         reserve_tokens: int = 1024,
-        layers_per_pass: int = 12,
+        layers_per_pass: int = 0,
     ) -> None:
         if budget.capped and policy is None:
             raise ValueError("a capped budget needs a compression policy")
@@ -206,7 +210,9 @@ class CappedKVCache:
         self.policy = policy
         self.batch_size = batch_size
         self.reserve_tokens = reserve_tokens
-        self.layers_per_pass = max(1, layers_per_pass)
+        if reserve_tokens < 0 or layers_per_pass < 0:
+            raise ValueError(f"reserve_tokens and layers_per_pass must be >= 0, got {reserve_tokens}, {layers_per_pass}")
+        self.layers_per_pass = layers_per_pass or num_layers
         self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
         # One buffer per K and V for all layers, [L, B, H_kv, capacity, D], so a
@@ -214,6 +220,10 @@ class CappedKVCache:
         self._keys: Optional[torch.Tensor] = None
         self._values: Optional[torch.Tensor] = None
         self._token_ids: Optional[torch.Tensor] = None  # [L, B, H_kv, capacity] int64, vision slots
+        # [L, B, H_kv, capacity] float32 L2 norm of each cached vision value, written at append:
+        # a cached value never changes, so VaN never recomputes it (vision slots, like the ids).
+        self._value_norms: Optional[torch.Tensor] = None
+        self._appending_vision = False
         self._len = [0] * num_layers
         self._prefix_len = 0
         self._vision_len = 0
@@ -256,6 +266,9 @@ class CappedKVCache:
         k, v = self._keys[layer_idx], self._values[layer_idx]
         k[:, :, start : start + n].copy_(key_states)
         v[:, :, start : start + n].copy_(value_states)
+        if self._appending_vision and self.policy is not None:
+            slot = start - self._prefix_len
+            torch.linalg.vector_norm(value_states.float(), dim=-1, out=self._value_norms[layer_idx, :, :, slot : slot + n])
         self._len[layer_idx] = start + n
         return k[:, :, : start + n], v[:, :, : start + n]
 
@@ -263,6 +276,37 @@ class CappedKVCache:
     def capacity(self) -> int:
         """Allocated token slots per layer and head."""
         return 0 if self._keys is None else self._keys.shape[3]
+
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K and V buffers, each [L, B, H_kv, capacity, D], for static-shape steps that write in place.
+
+        They stay at the same address until the cache grows (never in a capped
+        steady state); see :meth:`ensure_capacity`.
+
+        Raises:
+            CacheStateError: before anything was written.
+        """
+        if self._keys is None:
+            raise CacheStateError("the cache has no buffers before its first write")
+        return self._keys, self._values
+
+    def ensure_capacity(self, tokens: int) -> None:
+        """Make room for ``tokens`` slots per layer and head now (e.g. a whole answer before decoding)."""
+        self._ensure_capacity(tokens)
+
+    def advance(self, n: int) -> None:
+        """Count ``n`` tokens that a static step wrote in place at slots [length, length + n) of every layer.
+
+        Only inside a scratch block (the text is removed when the block ends).
+
+        Raises:
+            CacheStateError: outside a scratch block, or past the capacity.
+        """
+        if not self._scratch_depth:
+            raise CacheStateError("in-place writes are only allowed for scratch text (question + answer)")
+        if max(self._len) + n > self.capacity:
+            raise CacheStateError(f"advancing {n} tokens passes the capacity {self.capacity}")
+        self._len = [x + n for x in self._len]
 
     @torch.inference_mode()
     def _ensure_capacity(self, needed: int) -> None:
@@ -277,15 +321,21 @@ class CappedKVCache:
             target = max(needed, int(cap * 1.5), 1024)
         target = (target + 255) // 256 * 256
         shape = (self.num_layers, self.batch_size, self.num_kv_heads, target, self.head_dim)
-        new_k = torch.empty(shape, dtype=self.dtype, device=self.device)
-        new_v = torch.empty(shape, dtype=self.dtype, device=self.device)
+        # Zeros, not empty: static-shape steps attend over the whole capacity with masked-out slots, and
+        # a masked slot holding NaN/inf garbage would still poison the output (0 x NaN = NaN).
+        new_k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        new_v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         new_ids = torch.empty(shape[:4], dtype=torch.long, device=self.device)
+        new_norms = torch.empty(shape[:4], dtype=torch.float32, device=self.device)
         if self._keys is not None:
             used = max(self._len)
             new_k[..., :used, :].copy_(self._keys[..., :used, :])
             new_v[..., :used, :].copy_(self._values[..., :used, :])
-            new_ids[..., : self._vision_len].copy_(self._token_ids[..., : self._vision_len])
-        self._keys, self._values, self._token_ids = new_k, new_v, new_ids
+            # vision slots written so far (a chunk being appended may already be in some layers)
+            vis = max(0, used - self._prefix_len)
+            new_ids[..., :vis].copy_(self._token_ids[..., :vis])
+            new_norms[..., :vis].copy_(self._value_norms[..., :vis])
+        self._keys, self._values, self._token_ids, self._value_norms = new_k, new_v, new_ids, new_norms
 
     def _truncate_all(self, lengths: Sequence[int]) -> None:
         self._len = list(lengths)
@@ -340,8 +390,12 @@ class CappedKVCache:
                 f"(max_pixels) or raise the KV budget"
             )
         n = chunk.num_tokens
-        with self._transaction(n):
-            yield
+        self._appending_vision = True
+        try:
+            with self._transaction(n):
+                yield
+        finally:
+            self._appending_vision = False
         self._label_vision(chunk)
         if self.max_vision_tokens is not None and self._vision_len > self.max_vision_tokens:
             self.compress()
@@ -377,12 +431,14 @@ class CappedKVCache:
     def compress(self, target: Optional[int] = None) -> Optional[CompressionEvent]:
         """Compress the vision region of every layer in place to ``target`` (default C) tokens per head.
 
-        Per group of consecutive layers (the policy's layer groups, at most
-        ``layers_per_pass`` at a time, batched along N = layers x B): the
-        policy scores [N, H_kv, S_v] tokens, :func:`keep_topk` picks ``target``
-        per head in original order, the kept K/V/ids are gathered into the
-        front of the vision region. The transient extra memory is one pass's
-        scoring tensors and kept tokens.
+        Per pass over a batch of consecutive layers (all layers by default,
+        see ``layers_per_pass``; batched along N = layers x B): the policy
+        scores [N, H_kv, S_v] tokens from the cached keys and the value norms
+        stored at append, :func:`keep_topk` picks ``target`` per head in
+        original order, and the kept K/V/norms/ids are gathered into the
+        front of the vision region. No host synchronisation inside a pass;
+        one at the end (the chunk table's bookkeeping). The transient extra
+        memory is one pass's scoring tensors and kept tokens.
 
         Returns:
             The event, or None when there was nothing to drop.
@@ -401,38 +457,31 @@ class CappedKVCache:
         if before <= keep:
             return None
         t0 = time.perf_counter()
-        p, b, h = self._prefix_len, self.batch_size, self.num_kv_heads
-        for group in self._layer_passes():
-            lo, hi = group[0], group[-1] + 1  # consecutive layers: one strided view, no copy
-            k_vis = self._keys[lo:hi, :, :, p : p + before].reshape(-1, h, before, self.head_dim)
-            v_vis = self._values[lo:hi, :, :, p : p + before].reshape(-1, h, before, self.head_dim)
-            ids = self._token_ids[lo:hi, :, :, :before].reshape(-1, h, before)
+        p, b, h, d = self._prefix_len, self.batch_size, self.num_kv_heads, self.head_dim
+        for lo in range(0, self.num_layers, self.layers_per_pass):
+            hi = min(self.num_layers, lo + self.layers_per_pass)
+            shape = ((hi - lo) * b, h, before)  # layer-major rows: one strided view of the buffers, no copy
+            k_vis = self._keys[lo:hi, :, :, p : p + before].reshape(*shape, d)
+            v_vis = self._values[lo:hi, :, :, p : p + before].reshape(*shape, d)
+            norms = self._value_norms[lo:hi, :, :, :before].reshape(shape)
+            ids = self._token_ids[lo:hi, :, :, :before].reshape(shape)
             scores = self.policy.score(
-                k_vis, v_vis, self.table.layout(ids), layers=group, num_layers=self.num_layers, keep=keep
+                k_vis, norms, self.table.layout(ids), layers=list(range(lo, hi)), num_layers=self.num_layers, keep=keep
             )
-            idx = keep_topk(scores, keep)  # [(hi - lo) * B, H, keep]
-            shape = (hi - lo, b, h, keep)
-            self._keys[lo:hi, :, :, p : p + keep] = gather_tokens(k_vis, idx).view(*shape, self.head_dim)
-            self._values[lo:hi, :, :, p : p + keep] = gather_tokens(v_vis, idx).view(*shape, self.head_dim)
-            self._token_ids[lo:hi, :, :, :keep] = gather_tokens(ids, idx).view(shape)
+            idx = keep_topk(scores, keep)  # [N, H, keep], ascending
+            kept = (hi - lo, b, h, keep)
+            self._keys[lo:hi, :, :, p : p + keep] = gather_tokens(k_vis, idx).view(*kept, d)
+            self._values[lo:hi, :, :, p : p + keep] = gather_tokens(v_vis, idx).view(*kept, d)
+            self._value_norms[lo:hi, :, :, :keep] = gather_tokens(norms, idx).view(kept)
+            self._token_ids[lo:hi, :, :, :keep] = gather_tokens(ids, idx).view(kept)
         self._len = [p + keep] * self.num_layers
         self._vision_len = keep
-        dropped = self.table.prune(self._token_ids[..., :keep])
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        dropped = self.table.prune(self._token_ids[..., :keep])  # the one host sync
         event = CompressionEvent(before, keep, (time.perf_counter() - t0) * 1e3, dropped)
         self.compressions += 1
         self.tokens_evicted += before - keep
         self.last_compression = event
         return event
-
-    def _layer_passes(self) -> list[list[int]]:
-        """The policy's layer groups, split into passes of at most ``layers_per_pass`` layers."""
-        passes = []
-        for group in self.policy.layer_groups(self.num_layers):
-            for i in range(0, len(group), self.layers_per_pass):
-                passes.append(group[i : i + self.layers_per_pass])
-        return passes
 
     # ------------------------------------------------------------------- reads
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -478,11 +527,8 @@ class CappedKVCache:
         """
         if cameras is None and since_ns <= 0 and until_ns <= 0:
             return None
-        # The rule is per chunk (host side); tokens look up their chunk's verdict.
-        chunk_ok = torch.tensor(
-            [r.chunk.selected_by(cameras, since_ns, until_ns) for r in self.table.records],
-            dtype=torch.bool, device=self.device,
-        )
+        # The rule is per chunk (host side, vectorised); tokens look up their chunk's verdict.
+        chunk_ok = self.table.select(cameras, since_ns, until_ns).to(self.device)
         p, s = self._prefix_len, self._vision_len
         vision_ok = chunk_ok[self.table.chunk_index(self._token_ids[..., :s])]  # [L, B, H_kv, S_v]
         masks = []
@@ -493,7 +539,7 @@ class CappedKVCache:
         return masks
 
     def stats(self) -> CacheStats:
-        recs = self.table.records
+        oldest, newest = self.table.stamp_range()
         return CacheStats(
             num_layers=self.num_layers,
             num_kv_heads=self.num_kv_heads,
@@ -509,8 +555,8 @@ class CappedKVCache:
             compressions=self.compressions,
             tokens_evicted=self.tokens_evicted,
             last_compression_ms=self.last_compression.ms if self.last_compression else 0.0,
-            chunks_in_cache=len(recs),
-            frames_in_cache=sum(r.chunk.num_frames for r in recs),
-            oldest_stamp_ns=min((r.chunk.stamp_ns for r in recs), default=0),
-            newest_stamp_ns=max((r.chunk.end_stamp_ns for r in recs), default=0),
+            chunks_in_cache=len(self.table),
+            frames_in_cache=self.table.frames(),
+            oldest_stamp_ns=oldest,
+            newest_stamp_ns=newest,
         )

@@ -39,16 +39,12 @@ class InfiniPotVPolicy(ScoringPolicy):
         self._van = VaNPolicy(pool_kernels=self.pool_kernels)
         self.pool_kernels = self._van.pool_kernels
 
-    def layer_groups(self, num_layers: int) -> list[list[int]]:
-        return self._van.layer_groups(num_layers)
-
-    def score(self, keys, values, layout, *, layers, num_layers, keep):
+    def score(self, keys, value_norms, layout, *, layers, num_layers, keep):
         tar, n_recent = self._tar.tar_scores(keys, layout)
         n_tar = min(keep, max(n_recent, int(self.tar_ratio * keep)))
         chosen = keep_topk(tar, n_tar)
-        final = self._van.van_scores(values, layout, layers, num_layers).clone()
-        final.scatter_(2, chosen, float("inf"))
-        return final
+        final = self._van.van_scores(value_norms, layout, layers, num_layers)
+        return final.scatter(2, chosen, float("inf"))  # out of place: final may be the cached norms
 
     def describe(self) -> str:
         return (

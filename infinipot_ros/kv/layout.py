@@ -8,11 +8,16 @@ token held in each slot. From the id we recover the source chunk, the spatial
 index (row, col), the camera and the header stamp, which is what TaR compares
 and what answer-time filtering (camera, since/until) needs (InfiniPot-V
 Sec. 4.2, "track the source of every kept token").
+
+The table is columnar (CPU int64 tensor columns, one entry per chunk that
+still has a token in some layer or head): appends, pruning and every query
+are vectorised, no Python object is kept per chunk, and the device-side
+lookup is one host-to-device copy per change.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 
@@ -28,8 +33,9 @@ class VisionChunk:
         stamp_ns: header stamp of the first frame of the patch (ROS time, ns).
         end_stamp_ns: header stamp of the last frame of the patch (ROS time, ns).
         num_frames: camera frames in the patch (Qwen2.5-VL: 2).
-        meta: model-specific data kept with the chunk (e.g. its M-RoPE
-            temporal position); opaque to the KV layer.
+        position: first (for M-RoPE: temporal) position id of the chunk's tokens.
+        max_position: largest position id any of its tokens uses (text
+            after the video continues at max_position + 1).
     """
 
     grid_h: int
@@ -38,7 +44,8 @@ class VisionChunk:
     stamp_ns: int = 0
     end_stamp_ns: int = 0
     num_frames: int = 1
-    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    position: int = 0
+    max_position: int = 0
 
     def __post_init__(self) -> None:
         if self.grid_h <= 0 or self.grid_w <= 0:
@@ -52,167 +59,349 @@ class VisionChunk:
 
     def selected_by(self, cameras: Optional[Sequence[int]] = None, since_ns: int = 0, until_ns: int = 0) -> bool:
         """True if the chunk's camera is in ``cameras`` (None = any) and its frames
-        overlap [since_ns, until_ns] (header stamps, ns; 0 = open end)."""
-        return (
-            (cameras is None or self.camera in cameras)
-            and (since_ns <= 0 or self.end_stamp_ns >= since_ns)
-            and (until_ns <= 0 or self.stamp_ns <= until_ns)
-        )
+        overlap [since_ns, until_ns] (header stamps, ns; 0 = open end).
+        :meth:`ChunkTable.select` is the same rule over the whole table."""
+        one = lambda x: torch.tensor([x], dtype=torch.long)  # noqa: E731
+        return bool(_select(one(self.camera), one(self.stamp_ns), one(self.end_stamp_ns), cameras, since_ns, until_ns)[0])
 
 
-@dataclass
+def _select(camera: torch.Tensor, stamp: torch.Tensor, end_stamp: torch.Tensor,
+            cameras: Optional[Sequence[int]], since_ns: int, until_ns: int) -> torch.Tensor:
+    """The one chunk-selection rule (camera in ``cameras``, frames overlapping [since, until])."""
+    ok = torch.ones(camera.shape, dtype=torch.bool)
+    if cameras is not None:
+        ok &= torch.isin(camera, torch.tensor(list(cameras), dtype=torch.long))
+    if since_ns > 0:
+        ok &= end_stamp >= since_ns
+    if until_ns > 0:
+        ok &= stamp <= until_ns
+    return ok
+
+
+@dataclass(frozen=True)
 class ChunkRecord:
-    """A chunk as the cache knows it: the chunk plus its ids."""
+    """A snapshot of one table row, for inspection (hot paths read the columns)."""
 
     chunk: VisionChunk
     chunk_id: int  # sequential over the stream, never reused
     first_token_id: int  # global id of its token at (row 0, col 0)
+    row0_tokens: int  # tokens of this chunk held by layer 0, batch 0, KV head 0
+
+
+#: Columns of the chunk table (int64 each, CPU).
+TABLE_COLUMNS = ("first", "grid_h", "grid_w", "camera", "stamp", "end_stamp", "num_frames", "chunk_id",
+                 "position", "max_position", "row0_tokens")
+_COL = {name: i for i, name in enumerate(TABLE_COLUMNS)}
+
+#: Columns of :attr:`ChunkLookup.table`, in order.
+LOOKUP_COLUMNS = ("first", "grid_h", "grid_w", "slot", "t_local", "place_offset", "place_width",
+                  "chunk_id", "camera", "stamp", "end_stamp")
+
+
+class ChunkLookup:
+    """Per-record facts as device tensors, built once per change of the chunk table.
+
+    Everything a scorer needs to place a token id, with no host synchronisation:
+
+    * ``table``: [len(LOOKUP_COLUMNS), R] int64; each column name is also an
+      attribute ([R] view), e.g. ``lookup.first``, ``lookup.grid_w``. ``slot``
+      is the camera's dense index among the cached cameras, ``t_local`` the
+      record's order among its camera's records (the time axis of VaN
+      pooling), ``place_offset``/``place_width`` map (row, col) to a dense place
+      id ``place_offset + row * place_width + col`` shared by all chunks of the
+      camera (TaR compares tokens at the same place).
+    * ``by_slot_time``: [n_slots, T] int64 record index at (camera slot, t_local), -1 past a camera's end.
+    * host-side: ``n_records``, ``n_slots``, ``n_places``, ``frames_per_slot``,
+      ``grid_per_slot`` (largest (rows, cols) per slot), and CPU copies ``slot_cpu`` / ``t_local_cpu``.
+
+    Built with vectorised CPU tensor ops and sent with one host-to-device copy.
+    """
+
+    def __init__(self, cols: dict, device: torch.device) -> None:
+        camera, grid_h, grid_w = cols["camera"], cols["grid_h"], cols["grid_w"]
+        n = camera.shape[0]
+        cams, slot = torch.unique(camera, sorted=True, return_inverse=True)
+        n_slots = cams.shape[0]
+        counts = torch.bincount(slot, minlength=n_slots)
+        starts = torch.cumsum(counts, 0) - counts
+        order = torch.sort(slot, stable=True).indices  # records grouped by camera, stream order kept
+        t_local = torch.empty(n, dtype=torch.long)
+        t_local[order] = torch.arange(n) - starts[slot[order]]
+        gh = torch.zeros(n_slots, dtype=torch.long).scatter_reduce_(0, slot, grid_h, reduce="amax")
+        gw = torch.zeros(n_slots, dtype=torch.long).scatter_reduce_(0, slot, grid_w, reduce="amax")
+        sizes = gh * gw
+        offsets = torch.cumsum(sizes, 0) - sizes
+        t_max = int(counts.max()) if n_slots else 0
+        by_slot_time = torch.full((n_slots, t_max), -1, dtype=torch.long)
+        by_slot_time[slot, t_local] = torch.arange(n)
+        table = torch.stack([cols["first"], grid_h, grid_w, slot, t_local, offsets[slot], gw[slot], cols["chunk_id"],
+                             camera, cols["stamp"], cols["end_stamp"]])
+        packed = torch.cat([table.reshape(-1), by_slot_time.reshape(-1)]).to(device)
+        self.device = torch.device(device)
+        self.n_records = n
+        self.n_slots = n_slots
+        self.n_places = int(sizes.sum())
+        self.frames_per_slot = counts.tolist()
+        self.grid_per_slot = list(zip(gh.tolist(), gw.tolist()))
+        self.slot_cpu, self.t_local_cpu = slot, t_local
+        k = len(LOOKUP_COLUMNS) * n
+        self.table = packed[:k].view(len(LOOKUP_COLUMNS), n)
+        self.by_slot_time = packed[k:].view(n_slots, t_max)
+        for i, name in enumerate(LOOKUP_COLUMNS):
+            setattr(self, name, self.table[i])
 
 
 class ChunkTable:
-    """Append-only (with pruning) table mapping global token ids to chunks.
+    """Columnar table mapping global token ids to the chunks that still have tokens cached.
 
     Chunks are contiguous in token-id space and appended in stream order, so
     a token id is resolved with one searchsorted over the chunks' first ids.
+    Host-side per-chunk counts (``row0_tokens``) let policies size their
+    choices without reading device memory. Storage grows geometrically with
+    the number of live chunks (bounded by the number of cached tokens of all
+    layers and heads), never per frame once that number is steady.
     """
 
-    def __init__(self) -> None:
-        self._records: list[ChunkRecord] = []
+    def __init__(self, capacity: int = 256) -> None:
+        self._data = torch.zeros((len(TABLE_COLUMNS), max(1, capacity)), dtype=torch.long)
+        self._n = 0
         self._next_chunk_id = 0
         self._next_token_id = 0
-        self._lookup: dict[str, torch.Tensor] | None = None
+        self._lookup: Optional[ChunkLookup] = None
 
     def __len__(self) -> int:
-        return len(self._records)
-
-    @property
-    def records(self) -> list[ChunkRecord]:
-        return list(self._records)
+        return self._n
 
     @property
     def next_token_id(self) -> int:
         return self._next_token_id
 
+    def column(self, name: str) -> torch.Tensor:
+        """[R] int64 CPU view of one column (see :data:`TABLE_COLUMNS`) over the live chunks, oldest first."""
+        return self._data[_COL[name], : self._n]
+
+    def _cols(self) -> dict:
+        return {name: self._data[i, : self._n] for i, name in enumerate(TABLE_COLUMNS)}
+
+    @property
+    def records(self) -> list[ChunkRecord]:
+        """Snapshots of every row (O(R) Python objects: for inspection and tests, not hot paths)."""
+        c = {k: v.tolist() for k, v in self._cols().items()}
+        out = []
+        for i in range(self._n):
+            chunk = VisionChunk(int(c["grid_h"][i]), int(c["grid_w"][i]), camera=int(c["camera"][i]),
+                                stamp_ns=int(c["stamp"][i]), end_stamp_ns=int(c["end_stamp"][i]),
+                                num_frames=int(c["num_frames"][i]), position=int(c["position"][i]),
+                                max_position=int(c["max_position"][i]))
+            out.append(ChunkRecord(chunk, int(c["chunk_id"][i]), int(c["first"][i]), int(c["row0_tokens"][i])))
+        return out
+
     def append(self, chunk: VisionChunk) -> ChunkRecord:
-        rec = ChunkRecord(chunk, self._next_chunk_id, self._next_token_id)
-        self._records.append(rec)
+        """Add a chunk (newest); its tokens get the next ``num_tokens`` global ids."""
+        if self._n == self._data.shape[1]:
+            grown = torch.zeros((self._data.shape[0], 2 * self._data.shape[1]), dtype=torch.long)
+            grown[:, : self._n] = self._data[:, : self._n]
+            self._data = grown
+        row = (self._next_token_id, chunk.grid_h, chunk.grid_w, chunk.camera, chunk.stamp_ns, chunk.end_stamp_ns,
+               chunk.num_frames, self._next_chunk_id, chunk.position, chunk.max_position, chunk.num_tokens)
+        self._data[:, self._n] = torch.tensor(row, dtype=torch.long)
+        rec = ChunkRecord(chunk, self._next_chunk_id, self._next_token_id, chunk.num_tokens)
+        self._n += 1
         self._next_chunk_id += 1
         self._next_token_id += chunk.num_tokens
         self._lookup = None
         return rec
 
     def prune(self, live_token_ids: torch.Tensor) -> int:
-        """Drop chunks none of whose tokens is in ``live_token_ids``; returns how many (one host sync)."""
-        if not self._records:
+        """Drop chunks none of whose tokens is in ``live_token_ids``; returns how many.
+
+        Args:
+            live_token_ids: [L, B, H_kv, S] ids of every token still cached
+                (row [0, 0, 0] also refreshes ``row0_tokens``).
+
+        One host synchronisation (a [2, R] count tensor read back).
+        """
+        n = self._n
+        if not n:
             return 0
-        present = torch.bincount(self.chunk_index(live_token_ids.reshape(-1)), minlength=len(self._records))
-        alive = (present > 0).tolist()
-        kept = [r for r, a in zip(self._records, alive) if a]
-        dropped = len(self._records) - len(kept)
-        if dropped:
-            self._records = kept
+        ci = self.chunk_index(live_token_ids)
+        counts = torch.stack([
+            torch.bincount(ci.reshape(-1), minlength=n), torch.bincount(ci[0, 0, 0], minlength=n),
+        ]).cpu()
+        self._data[_COL["row0_tokens"], :n] = counts[1]
+        alive = counts[0] > 0
+        kept = int(alive.sum())
+        if kept < n:
+            self._data[:, :kept] = self._data[:, :n][:, alive].clone()
+            self._n = kept
             self._lookup = None
-        return dropped
+        return n - kept
 
-    def _tables(self, device: torch.device) -> dict:
-        """Per-record lookup tensors (on ``device``) and host-side grid facts, rebuilt when the table changes."""
-        if self._lookup is None or self._lookup["first"].device != device:
-            recs = self._records
-            cams = sorted({r.chunk.camera for r in recs})
-            slot = {c: i for i, c in enumerate(cams)}
-            counts = [0] * len(cams)
-            t_local = []
-            for r in recs:
-                k = slot[r.chunk.camera]
-                t_local.append(counts[k])
-                counts[k] += 1
-
-            def col(values):
-                return torch.tensor(values, dtype=torch.long, device=device)
-
-            self._lookup = {
-                "first": col([r.first_token_id for r in recs]),
-                "grid_w": col([r.chunk.grid_w for r in recs]),
-                "camera": col([r.chunk.camera for r in recs]),
-                "slot": col([slot[r.chunk.camera] for r in recs]),
-                "t_local": col(t_local),
-                "stamp": col([r.chunk.stamp_ns for r in recs]),
-                "end_stamp": col([r.chunk.end_stamp_ns for r in recs]),
-                "chunk_id": col([r.chunk_id for r in recs]),
-                # host-side: per camera slot, frames cached and the largest grid
-                "frames_per_slot": counts,
-                "grid_per_slot": [
-                    (max(r.chunk.grid_h for r in recs if r.chunk.camera == c),
-                     max(r.chunk.grid_w for r in recs if r.chunk.camera == c)) for c in cams
-                ],
-            }
+    def lookup(self, device: torch.device) -> ChunkLookup:
+        """Device tensors describing the chunks (rebuilt only when the table changed)."""
+        device = torch.device(device)
+        if self._lookup is None or self._lookup.device != device:
+            self._lookup = ChunkLookup(self._cols(), device)
         return self._lookup
 
     def chunk_index(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Index into :attr:`records` of the chunk holding each token id (same shape)."""
-        first = self._tables(token_ids.device)["first"]
+        """Row (0 = oldest live chunk) of the chunk holding each token id (same shape)."""
+        first = self.lookup(token_ids.device).first
         return torch.searchsorted(first, token_ids.contiguous(), right=True) - 1
 
+    # ----------------------------------------------------------------- queries
+    def select(self, cameras: Optional[Sequence[int]] = None, since_ns: int = 0, until_ns: int = 0) -> torch.Tensor:
+        """[R] bool CPU tensor: chunks of ``cameras`` (None = any) whose frames overlap [since_ns, until_ns] (0 = open)."""
+        return _select(self.column("camera"), self.column("stamp"), self.column("end_stamp"), cameras, since_ns, until_ns)
+
+    def frames(self, mask: Optional[torch.Tensor] = None) -> int:
+        """Camera frames in the (selected) chunks."""
+        col = self.column("num_frames")
+        return int(col.sum() if mask is None else col[mask].sum())
+
+    def stamp_range(self, mask: Optional[torch.Tensor] = None) -> tuple[int, int]:
+        """(oldest first-frame stamp, newest last-frame stamp) of the (selected) chunks, ns; (0, 0) if none."""
+        stamp, end = self.column("stamp"), self.column("end_stamp")
+        if mask is not None:
+            stamp, end = stamp[mask], end[mask]
+        if not stamp.numel():
+            return 0, 0
+        return int(stamp.min()), int(end.max())
+
+    def max_position(self) -> Optional[int]:
+        """Largest position id of any cached chunk; None when empty."""
+        return int(self.column("max_position").max()) if self._n else None
+
+    def recent_chunks(self, recent_ratio: float) -> tuple[torch.Tensor, int]:
+        """Which chunks are the most recent frames of their camera: ([R] bool CPU tensor, tokens per head).
+
+        Per camera, r = max(1, round(recent_ratio * S_cam / p_cam)) newest chunks,
+        with S_cam the camera's tokens held by layer 0 / head 0 and p_cam the size
+        of its newest chunk: recent_ratio of the cached tokens counted in
+        (pseudo-)frames (InfiniPot-V Sec. 4.2: r = 1/8 of the frames in the
+        cache). The token count is the chunks' full size: recent chunks are
+        kept whole by every layer and head. Host-side only (no device read).
+        """
+        if not self._n:
+            return torch.zeros(0, dtype=torch.bool), 0
+        lk = self._host_lookup()
+        slot, t_local = lk.slot_cpu, lk.t_local_cpu
+        frames = torch.tensor(lk.frames_per_slot, dtype=torch.long)
+        tokens = self.column("grid_h") * self.column("grid_w")
+        s_cam = torch.bincount(slot, weights=self.column("row0_tokens").double(), minlength=lk.n_slots)
+        newest = torch.zeros(lk.n_slots, dtype=torch.long)
+        last = t_local == frames[slot] - 1  # each camera's newest chunk
+        newest[slot[last]] = tokens[last]
+        # round half to even, as Python's round()
+        r = torch.clamp(torch.round(recent_ratio * s_cam / newest.double()), min=1).long()
+        flags = t_local >= frames[slot] - r[slot]
+        return flags, int(tokens[flags].sum())
+
+    def _host_lookup(self) -> ChunkLookup:
+        """The lookup already built for a device (its CPU index columns are what host code needs), else a CPU one."""
+        return self._lookup if self._lookup is not None else self.lookup(torch.device("cpu"))
+
+    def place_references(self, recent: torch.Tensor) -> torch.Tensor:
+        """Global ids of the recent chunks' tokens at every place: [n_places, r] int64, -1 = none.
+
+        Row q is the place ``place_offset + row * place_width + col`` of
+        :class:`ChunkLookup`; column j the camera's j-th recent chunk (oldest
+        first). An id is -1 where the camera has fewer recent chunks or the
+        chunk's grid does not reach that (row, col). Host-side, O(places x r).
+
+        Args:
+            recent: [R] bool CPU tensor per chunk, from :meth:`recent_chunks`.
+        """
+        lk = self._host_lookup()
+        first, gh, gw = self.column("first").tolist(), self.column("grid_h").tolist(), self.column("grid_w").tolist()
+        per_slot = [torch.nonzero(recent & (lk.slot_cpu == k)).view(-1).tolist() for k in range(lk.n_slots)]
+        r_max = max((len(x) for x in per_slot), default=0)
+        out = torch.full((lk.n_places, max(1, r_max)), -1, dtype=torch.long)
+        offset = 0
+        for (h, w), recs in zip(lk.grid_per_slot, per_slot):
+            q = torch.arange(h * w)
+            row, col = q // w, q % w
+            for j, rec in enumerate(recs):
+                inside = (row < gh[rec]) & (col < gw[rec])
+                out[offset + q[inside], j] = first[rec] + row[inside] * gw[rec] + col[inside]
+            offset += h * w
+        return out
+
     def layout(self, token_ids: torch.Tensor) -> "VisionLayout":
-        """Per-token source information for a [N, H_kv, S] tensor of token ids (N = batch x layers)."""
-        t = self._tables(token_ids.device)
-        ci = self.chunk_index(token_ids)
-        local = token_ids - t["first"][ci]
-        grid_w = t["grid_w"][ci]
-        return VisionLayout(
-            chunk=ci,
-            chunk_id=t["chunk_id"][ci],
-            row=torch.div(local, grid_w, rounding_mode="floor"),
-            col=local % grid_w,
-            camera=t["camera"][ci],
-            camera_slot=t["slot"][ci],
-            t_local=t["t_local"][ci],
-            stamp_ns=t["stamp"][ci],
-            end_stamp_ns=t["end_stamp"][ci],
-            records=self._records,
-            frames_per_slot=list(t["frames_per_slot"]),
-            grid_per_slot=list(t["grid_per_slot"]),
-        )
+        """Per-token source information for a [N, H_kv, S] tensor of token ids (N = batch x layers).
+
+        The ids of every row must be ascending (the cache keeps them so).
+        """
+        return VisionLayout(token_ids, self, self.lookup(token_ids.device))
 
 
-@dataclass
 class VisionLayout:
-    """Source of every cached vision token, tensors [N, H_kv, S] int64 (N = batch x layers).
+    """Source of every cached vision token, for a [N, H_kv, S] tensor of ascending token ids.
 
-    Attributes:
-        chunk: index into ``records`` (0 = oldest chunk still in the table).
-        chunk_id: stream-wide sequential chunk id (temporal order).
-        row, col: spatial index on the chunk's merged grid.
-        camera: camera index; camera_slot: dense index of the camera among those cached.
-        t_local: order of the token's chunk among its camera's cached chunks (time axis).
-        stamp_ns, end_stamp_ns: header stamps of the chunk's frames (ns).
-        records: the chunk table rows ``chunk`` indexes.
-        frames_per_slot, grid_per_slot: host-side, per camera slot: cached chunks and
-            the largest (rows, cols) grid, so scorers size dense grids without a device sync.
+    Per-token fields are [N, H_kv, S] int64 tensors computed on first use
+    (a scorer pays only for what it reads): ``chunk`` (row of the chunk
+    table), ``chunk_id``, ``row``, ``col`` (spatial index on the
+    chunk's merged grid), ``camera``, ``camera_slot``, ``t_local`` (order of
+    the chunk among its camera's cached chunks: the time axis), ``stamp_ns``,
+    ``end_stamp_ns``. ``lookup`` holds the per-chunk tensors, ``table`` the
+    chunk table; ``frames_per_slot`` / ``grid_per_slot`` are host-side, so
+    scorers size tensors without a device sync.
     """
 
-    chunk: torch.Tensor
-    chunk_id: torch.Tensor
-    row: torch.Tensor
-    col: torch.Tensor
-    camera: torch.Tensor
-    camera_slot: torch.Tensor
-    t_local: torch.Tensor
-    stamp_ns: torch.Tensor
-    end_stamp_ns: torch.Tensor
-    records: list
-    frames_per_slot: list
-    grid_per_slot: list
+    def __init__(self, token_ids: torch.Tensor, table: ChunkTable, lookup: ChunkLookup) -> None:
+        self.token_ids = token_ids
+        self.table = table
+        self.lookup = lookup
+        self._cache: dict[str, torch.Tensor] = {}
+
+    @property
+    def frames_per_slot(self) -> list[int]:
+        return list(self.lookup.frames_per_slot)
+
+    @property
+    def grid_per_slot(self) -> list[tuple[int, int]]:
+        return list(self.lookup.grid_per_slot)
+
+    def narrow(self, start: int, length: int) -> "VisionLayout":
+        """The layout of rows [start, start + length) of the N axis (views, no copy)."""
+        sub = VisionLayout(self.token_ids.narrow(0, start, length), self.table, self.lookup)
+        sub._cache = {k: v.narrow(0, start, length) for k, v in self._cache.items()}
+        return sub
+
+    def _field(self, name: str) -> torch.Tensor:
+        if name not in self._cache:
+            self._cache[name] = self._compute(name)
+        return self._cache[name]
+
+    def _compute(self, name: str) -> torch.Tensor:
+        lk = self.lookup
+        if name == "chunk":
+            return torch.searchsorted(lk.first, self.token_ids.contiguous(), right=True) - 1
+        if name == "local":
+            return self.token_ids - lk.first[self.chunk]
+        if name == "row":
+            return torch.div(self._field("local"), lk.grid_w[self.chunk], rounding_mode="floor")
+        if name == "col":
+            return self._field("local") - self.row * lk.grid_w[self.chunk]
+        column = {"chunk_id": "chunk_id", "camera": "camera", "camera_slot": "slot", "t_local": "t_local",
+                  "stamp_ns": "stamp", "end_stamp_ns": "end_stamp"}[name]
+        return getattr(lk, column)[self.chunk]
+
+    chunk = property(lambda self: self._field("chunk"))
+    chunk_id = property(lambda self: self._field("chunk_id"))
+    row = property(lambda self: self._field("row"))
+    col = property(lambda self: self._field("col"))
+    camera = property(lambda self: self._field("camera"))
+    camera_slot = property(lambda self: self._field("camera_slot"))
+    t_local = property(lambda self: self._field("t_local"))
+    stamp_ns = property(lambda self: self._field("stamp_ns"))
+    end_stamp_ns = property(lambda self: self._field("end_stamp_ns"))
 
     def spatial_index(self) -> tuple[torch.Tensor, int]:
         """([N, H_kv, S] dense id of (camera, row, col), number of ids): equal ids = same place in the image."""
-        offsets, total = [], 0
-        for h, w in self.grid_per_slot:
-            offsets.append(total)
-            total += h * w
-        widths = torch.tensor([w for _, w in self.grid_per_slot], dtype=torch.long, device=self.row.device)
-        offs = torch.tensor(offsets, dtype=torch.long, device=self.row.device)
-        return offs[self.camera_slot] + self.row * widths[self.camera_slot] + self.col, total
+        lk = self.lookup
+        place = lk.place_offset[self.chunk] + self.row * lk.place_width[self.chunk] + self.col
+        return place, lk.n_places
 
     def recent_mask(self, recent_ratio: float) -> torch.Tensor:
         """[N, H_kv, S] bool: tokens of the most recent frames, per camera (see :meth:`recent_selection`)."""
@@ -221,23 +410,8 @@ class VisionLayout:
     def recent_selection(self, recent_ratio: float) -> tuple[torch.Tensor, int]:
         """Tokens of the most recent frames, per camera: ([N, H_kv, S] bool mask, tokens per head).
 
-        The number of recent chunks per camera is r = max(1, round(recent_ratio
-        * S_cam / p_cam)): recent_ratio of the camera's cached tokens counted in
-        (pseudo-)frames of p_cam tokens, p_cam the size of its newest chunk
-        (InfiniPot-V Sec. 4.2: r = 1/8 of the frames in the cache). Recent
-        chunks are kept whole by every head and layer, so tokens are counted on
-        row [0, 0] (one host sync per call) and the count is the chunks' size.
+        See :meth:`ChunkTable.recent_chunks` for the rule; no host synchronisation.
         """
-        n_slots = len(self.grid_per_slot)
-        tokens_per_slot = torch.bincount(self.camera_slot[0, 0], minlength=n_slots).tolist()
-        per_cam: dict = {}
-        for rec in self.records:  # stream order: the last record of a camera is its newest
-            per_cam.setdefault(rec.chunk.camera, []).append(rec)
-        threshold, n_tokens = [], 0
-        for k, cam in enumerate(sorted(per_cam)):
-            recs = per_cam[cam]
-            r = max(1, round(recent_ratio * tokens_per_slot[k] / recs[-1].chunk.num_tokens))
-            threshold.append(recs[max(0, len(recs) - r)].chunk_id)
-            n_tokens += sum(rec.chunk.num_tokens for rec in recs[-r:])
-        thr = torch.tensor(threshold, dtype=torch.long, device=self.chunk_id.device)
-        return self.chunk_id >= thr[self.camera_slot], n_tokens
+        flags, n_tokens = self.table.recent_chunks(recent_ratio)
+        flag = flags.to(self.token_ids.device)
+        return flag[self.chunk], n_tokens

@@ -1,8 +1,9 @@
 """Base class of the compression policies: a policy only scores tokens.
 
 Selection (top-k per head, original order kept) lives in
-:mod:`infinipot_ros.kv.selection`; the cache calls ``score`` once per layer
-and keeps the ``keep`` best tokens of every KV head.
+:mod:`infinipot_ros.kv.selection`; the cache calls ``score`` once per pass
+over a batch of layers (all of them by default) and keeps the ``keep`` best
+tokens of every layer and KV head.
 """
 from __future__ import annotations
 
@@ -25,14 +26,10 @@ class ScoringPolicy:
 
     name: ClassVar[str] = "base"
 
-    def layer_groups(self, num_layers: int) -> list[list[int]]:
-        """Layers that may be scored together in one batched call (consecutive; default: all)."""
-        return [list(range(num_layers))]
-
     def score(
         self,
         keys: torch.Tensor,
-        values: torch.Tensor,
+        value_norms: torch.Tensor,
         layout: VisionLayout,
         *,
         layers: Sequence[int],
@@ -44,11 +41,11 @@ class ScoringPolicy:
         The batch axis N holds layer-major (layer, batch) pairs: N = len(layers) x B.
 
         Args:
-            keys: [N, H_kv, S, D] cached keys (after rotary embedding).
-            values: [N, H_kv, S, D] cached values.
+            keys: [N, H_kv, S, D] cached keys (after rotary embedding); may be a strided view.
+            value_norms: [N, H_kv, S] float32 L2 norms of the cached values
+                (computed once at append, InfiniPot-V Sec. 4.3).
             layout: source of each token, tensors [N, H_kv, S].
-            layers: the decoder layers in N order (0 = closest to the input),
-                all from one of :meth:`layer_groups`.
+            layers: the decoder layers in N order (0 = closest to the input), consecutive.
             num_layers: number of decoder layers.
             keep: tokens per head that will be kept (the target C).
 

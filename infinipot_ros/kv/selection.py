@@ -47,10 +47,6 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         [B, H_kv, k, D] or [B, H_kv, k], same dtype and device as x.
     """
     if x.dim() == 4:
-        # Row gather with index_select on a flattened view: one index per D-row, not per element.
-        b, h, s, d = x.shape
-        k = idx.shape[-1]
-        base = (torch.arange(b * h, device=idx.device) * s).view(b, h, 1)
-        rows = x.reshape(b * h * s, d)  # a copy only when x is a strided view (e.g. the cache slice)
-        return rows.index_select(0, (idx + base).reshape(-1)).view(b, h, k, d)
+        # torch.gather reads a strided view (the cache's buffers) as it is: no copy of x.
+        return torch.gather(x, 2, idx.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
     return torch.gather(x, 2, idx)

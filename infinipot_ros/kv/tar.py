@@ -16,36 +16,43 @@ from .layout import VisionLayout
 from .policy import ScoringPolicy
 
 
-def tar_similarity(keys: torch.Tensor, place: torch.Tensor, n_places: int, recent: torch.Tensor) -> torch.Tensor:
+def tar_similarity(keys: torch.Tensor, layout: VisionLayout, recent: torch.Tensor) -> torch.Tensor:
     """Mean cosine similarity of every token's key to the recent keys at the same place.
 
-    ``sim[n, h, i] = mean over recent tokens j with place[j] == place[i] of
-    cos(K[i], K[j])``, computed in fp32 as the dot product of the normalised
-    key with the mean of the normalised recent keys at that place (InfiniPot-V
-    Sec. 4.2). No host synchronisation: ``n_places`` sizes the per-place sums.
+    ``sim[n, h, i] = mean over recent tokens j at the place of i (same camera,
+    row, col) of cos(K[i], K[j])``, computed in fp32 as the dot product of the
+    normalised key with the mean of the normalised recent keys at that place
+    (InfiniPot-V Sec. 4.2). The per-place reference is built once per call by
+    looking up, for every place, the recent chunks' tokens in each row's
+    ascending ids (a few hundred lookups per row): no scatter over all
+    tokens, no host synchronisation.
 
     Args:
-        keys: [N, H_kv, S, D] cached keys (N = batch x layers).
-        place: [N, H_kv, S] int64 dense id in [0, n_places) of (camera, row, col),
-            e.g. from :meth:`VisionLayout.spatial_index`.
-        n_places: number of distinct place ids.
-        recent: [N, H_kv, S] bool, tokens of the recent frames.
+        keys: [N, H_kv, S, D] cached keys (N = batch x layers), any float dtype, may be strided.
+        layout: source of every token (ids ascending per row).
+        recent: [R] bool CPU tensor per chunk of the table: the recent frames
+            (e.g. from :meth:`ChunkTable.recent_chunks`).
 
     Returns:
         [N, H_kv, S] float32 similarity in [-1, 1]; 0 where no recent token
         shares the place (nothing to be redundant with).
     """
     n, h, s, d = keys.shape
+    if s == 0:
+        return keys.new_zeros(n, h, 0, dtype=torch.float32)
+    refs = layout.table.place_references(recent).to(keys.device)  # [P, r]
+    n_places, r = refs.shape
+    ids = layout.token_ids.contiguous()
+    wanted = refs.reshape(1, 1, -1).expand(n, h, -1).contiguous()
+    pos = torch.searchsorted(ids, wanted).clamp_(max=s - 1)  # [N, H, P * r]
+    found = ids.gather(2, pos) == wanted
+    ref_keys = F.normalize(keys.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, d)).float(), dim=-1)
+    count = found.view(n, h, n_places, r).sum(-1)  # [N, H, P]
+    ref = (ref_keys * found.unsqueeze(-1)).view(n, h, n_places, r, d).sum(3) / count.clamp(min=1).unsqueeze(-1)
+    place, _ = layout.spatial_index()
     kn = F.normalize(keys.float(), dim=-1)
-    w = recent.to(kn.dtype)
-    # Row indices into [N * H * n_places] per-place accumulators (row ops, not per-element gathers).
-    rows = (place + (torch.arange(n * h, device=place.device) * n_places).view(n, h, 1)).reshape(-1)
-    sums = kn.new_zeros(n * h * n_places, d).index_add_(0, rows, (kn * w.unsqueeze(-1)).reshape(-1, d))
-    counts = kn.new_zeros(n * h * n_places).index_add_(0, rows, w.reshape(-1))
-    mean = sums / counts.clamp(min=1.0).unsqueeze(-1)
-    sim = (kn.reshape(-1, d) * mean.index_select(0, rows)).sum(-1).view(n, h, s)
-    has_ref = counts.index_select(0, rows).view(n, h, s) > 0
-    return torch.where(has_ref, sim, torch.zeros_like(sim))
+    sim = (kn * ref.gather(2, place.unsqueeze(-1).expand(-1, -1, -1, d))).sum(-1)
+    return torch.where(count.gather(2, place) > 0, sim, 0.0)
 
 
 @dataclass
@@ -68,11 +75,10 @@ class TaRPolicy(ScoringPolicy):
 
     def tar_scores(self, keys: torch.Tensor, layout: VisionLayout) -> tuple[torch.Tensor, int]:
         """([N, H_kv, S] TaR score with +inf on recent tokens, recent tokens per head)."""
-        recent, n_recent = layout.recent_selection(self.recent_ratio)
-        place, n_places = layout.spatial_index()
-        sim = tar_similarity(keys, place, n_places, recent)
-        score = torch.where(recent, torch.full_like(sim, float("inf")), -sim)
-        return score, n_recent
+        flags, n_recent = layout.table.recent_chunks(self.recent_ratio)
+        sim = tar_similarity(keys, layout, flags)
+        recent = flags.to(keys.device)[layout.chunk]
+        return torch.where(recent, float("inf"), -sim), n_recent
 
-    def score(self, keys, values, layout, *, layers, num_layers, keep):
+    def score(self, keys, value_norms, layout, *, layers, num_layers, keep):
         return self.tar_scores(keys, layout)[0]

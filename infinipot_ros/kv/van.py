@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from .layout import VisionLayout
 from .policy import ScoringPolicy
@@ -26,7 +25,11 @@ DEFAULT_POOL_KERNELS: tuple[Kernel, ...] = ((3, 3, 3), (1, 3, 3), (1, 1, 3), (1,
 
 
 def value_norms(values: torch.Tensor) -> torch.Tensor:
-    """[B, H_kv, S, D] values -> [B, H_kv, S] float32 L2 norms."""
+    """[B, H_kv, S, D] values -> [B, H_kv, S] float32 L2 norms.
+
+    The cache computes these once, when a chunk is appended (a cached value
+    never changes), and keeps them beside the token ids.
+    """
     return torch.linalg.vector_norm(values.float(), dim=-1)
 
 
@@ -36,18 +39,30 @@ def kernel_for_layer(kernels: Sequence[Kernel], layer_idx: int, num_layers: int)
     return tuple(kernels[group])  # type: ignore[return-value]
 
 
-def pool_on_grid(scores: torch.Tensor, layout: VisionLayout, kernel: Kernel) -> torch.Tensor:
-    """Average-pool per-token scores over each camera's (time, row, col) grid.
+def check_kernel(kernel: Sequence[int]) -> Kernel:
+    """The kernel as a tuple of 3 ints. Raises ValueError unless every size is odd and >= 1."""
+    kernel = tuple(int(k) for k in kernel)
+    if len(kernel) != 3 or any(k < 1 or k % 2 == 0 for k in kernel):
+        raise ValueError(f"pooling kernel sizes must be 3 odd ints >= 1, got {kernel}")
+    return kernel  # type: ignore[return-value]
 
-    Only tokens present in the cache count: the mean is taken over the
-    kernel's window restricted to cached tokens (masked average), so evicted
-    neighbours neither dilute nor inflate a score. The time axis is the order
-    of the camera's chunks that still have tokens in the cache; cameras are
-    pooled independently (one channel each). No host synchronisation.
+
+def pool_on_grid(scores: torch.Tensor, layout: VisionLayout, kernel: Kernel) -> torch.Tensor:
+    """Average-pool per-token scores over each camera's (time, row, col) grid, at the cached tokens.
+
+    Only tokens present in the cache count: a token's pooled score is the
+    mean of the scores of the cached tokens inside its window (masked
+    average), so evicted neighbours neither dilute nor inflate it. The time
+    axis is the order of the camera's chunks that still have tokens in the
+    cache; cameras never mix. A neighbour (t + dt, row + dr, col + dc) is the
+    token of the camera's chunk at t + dt with that (row, col) on its own grid;
+    it is found by binary search in the row's ascending token ids, so the cost
+    is O(S x window x log S) per row, whatever the number of cached chunks
+    (a dense grid would grow with them). No host synchronisation.
 
     Args:
         scores: [N, H_kv, S] float scores (N = batch x layers).
-        layout: source of each token ([N, H_kv, S] tensors).
+        layout: source of each token (ids ascending per row, as the cache keeps them).
         kernel: odd window sizes (time, rows, cols); (1, 1, 1) returns scores.
 
     Returns:
@@ -56,27 +71,34 @@ def pool_on_grid(scores: torch.Tensor, layout: VisionLayout, kernel: Kernel) -> 
     Raises:
         ValueError: if a kernel size is even or < 1.
     """
-    if any(k < 1 or k % 2 == 0 for k in kernel):
-        raise ValueError(f"pooling kernel sizes must be odd and >= 1, got {kernel}")
-    if tuple(kernel) == (1, 1, 1):
-        return scores.float()
+    kernel = check_kernel(kernel)
+    vals = scores.float()
+    if kernel == (1, 1, 1):
+        return vals
     n, h, s = scores.shape
-    t_max = max(layout.frames_per_slot)
-    r_max = max(g[0] for g in layout.grid_per_slot)
-    c_max = max(g[1] for g in layout.grid_per_slot)
-    grid = scores.new_zeros(n * h, len(layout.grid_per_slot), t_max, r_max, c_max, dtype=torch.float32)
-    mask = torch.zeros_like(grid)
-    bh = torch.arange(n * h, device=scores.device).view(n, h, 1).expand(n, h, s)
-    where = (bh, layout.camera_slot, layout.t_local, layout.row, layout.col)
-    grid.index_put_(where, scores.float())
-    mask.index_put_(where, torch.ones_like(grid[0, 0, 0, 0, 0]).expand(n, h, s))
-    # Zero-pad explicitly (avg_pool3d refuses inputs smaller than the kernel even with padding);
-    # zeros are harmless: the masked mean divides by the pooled presence mask.
+    if s == 0:
+        return vals
+    lk = layout.lookup
     kt, kh, kw = kernel
-    pad = (kw // 2, kw // 2, kh // 2, kh // 2, kt // 2, kt // 2)
-    num = F.avg_pool3d(F.pad(grid, pad), kernel, stride=1)
-    den = F.avg_pool3d(F.pad(mask, pad), kernel, stride=1)
-    return (num / den.clamp(min=1e-12))[where]
+    dt, dr, dc = (torch.arange(k, device=scores.device) - k // 2 for k in kernel)
+    ci = layout.chunk
+    # The camera's chunk at t + dt (one lookup per time offset, shared by the kh x kw cells).
+    t_max = lk.by_slot_time.shape[1]
+    nt = lk.t_local[ci].unsqueeze(-1) + dt  # [N, H, S, kt]
+    nrec = lk.by_slot_time.reshape(-1)[(lk.slot[ci] * t_max).unsqueeze(-1) + nt.clamp(0, t_max - 1)]
+    nrec = torch.where((nt >= 0) & (nt < t_max), nrec, -1)
+    first, gh, gw = lk.table[:3].t()[nrec.clamp(min=0)].unbind(-1)  # LOOKUP_COLUMNS[:3]
+    exists = (nrec >= 0)[..., None, None]
+    first, gh, gw = first[..., None, None], gh[..., None, None], gw[..., None, None]  # [N, H, S, kt, 1, 1]
+    nr = (layout.row.unsqueeze(-1) + dr)[..., None, :, None]  # [N, H, S, 1, kh, 1]
+    nc = (layout.col.unsqueeze(-1) + dc)[..., None, None, :]  # [N, H, S, 1, 1, kw]
+    valid = exists & (nr >= 0) & (nr < gh) & (nc >= 0) & (nc < gw)
+    wanted = (first + nr * gw + nc).reshape(n, h, -1)  # [N, H, S * K] neighbour ids
+    ids = layout.token_ids.contiguous()
+    pos = torch.searchsorted(ids, wanted).clamp_(max=s - 1)
+    found = valid.reshape(n, h, -1) & (ids.gather(2, pos) == wanted)
+    num = (vals.gather(2, pos) * found).view(n, h, s, -1).sum(-1)
+    return num / found.view(n, h, s, -1).sum(-1).clamp(min=1)
 
 
 @dataclass
@@ -99,30 +121,35 @@ class VaNPolicy(ScoringPolicy):
             if not self.pool_kernels or any(len(k) != 3 for k in self.pool_kernels):
                 raise ValueError(f"pool_kernels must be a non-empty list of (t, h, w), got {self.pool_kernels}")
             for k in self.pool_kernels:
-                if any(x < 1 or x % 2 == 0 for x in k):
-                    raise ValueError(f"pooling kernel sizes must be odd and >= 1, got {k}")
+                check_kernel(k)
 
-    def layer_groups(self, num_layers: int) -> list[list[int]]:
-        """Consecutive layers sharing a pooling kernel (scored together)."""
+    def van_scores(self, value_norms: torch.Tensor, layout: VisionLayout, layers: Sequence[int],
+                   num_layers: int) -> torch.Tensor:
+        """[N, H_kv, S] value norms pooled with each layer's kernel (layers may use different kernels).
+
+        Rows are layer-major (N = len(layers) x B); consecutive layers sharing a
+        kernel are pooled in one call, so the work is one call per kernel in
+        use, whatever the number of layers.
+        """
         if self.pool_kernels is None:
-            return [list(range(num_layers))]
-        groups: dict = {}
-        for layer in range(num_layers):
-            groups.setdefault(kernel_for_layer(self.pool_kernels, layer, num_layers), []).append(layer)
-        return sorted(groups.values())
+            return value_norms.float()
+        b = value_norms.shape[0] // max(1, len(layers))
+        runs: list[tuple[Kernel, int, int]] = []  # (kernel, first row, rows)
+        for i, layer in enumerate(layers):
+            kern = kernel_for_layer(self.pool_kernels, layer, num_layers)
+            if runs and runs[-1][0] == kern:
+                runs[-1] = (kern, runs[-1][1], runs[-1][2] + b)
+            else:
+                runs.append((kern, i * b, b))
+        if len(runs) == 1:
+            return pool_on_grid(value_norms, layout, runs[0][0])
+        return torch.cat([
+            pool_on_grid(value_norms.narrow(0, start, rows), layout.narrow(start, rows), kern)
+            for kern, start, rows in runs
+        ])
 
-    def van_scores(self, values: torch.Tensor, layout: VisionLayout, layers: Sequence[int], num_layers: int) -> torch.Tensor:
-        """[N, H_kv, S] value norms, pooled with the kernel of ``layers`` (all in one group)."""
-        norms = value_norms(values)
-        if self.pool_kernels is None:
-            return norms
-        kernels = {kernel_for_layer(self.pool_kernels, layer, num_layers) for layer in layers}
-        if len(kernels) != 1:
-            raise ValueError(f"layers {list(layers)} use different pooling kernels {kernels}; score them apart")
-        return pool_on_grid(norms, layout, kernels.pop())
-
-    def score(self, keys, values, layout, *, layers, num_layers, keep):
-        return self.van_scores(values, layout, layers, num_layers)
+    def score(self, keys, value_norms, layout, *, layers, num_layers, keep):
+        return self.van_scores(value_norms, layout, layers, num_layers)
 
 
 @dataclass

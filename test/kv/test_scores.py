@@ -26,8 +26,7 @@ def test_tar_similarity_single_recent_frame_by_hand():
     # Two chunks of 1x2 tokens; chunk 1 is recent. D = 2.
     keys = torch.tensor([[[[3.0, 0.0], [0.0, 2.0], [1.0, 0.0], [1.0, 1.0]]]])
     lay = _layout([VisionChunk(1, 2), VisionChunk(1, 2)])
-    recent = lay.chunk_id == 1
-    sim = tar_similarity(keys, *lay.spatial_index(), recent)
+    sim = tar_similarity(keys, lay, torch.tensor([False, True]))  # chunk 1 is recent
     # token 0 (0,0) vs recent (0,0)=(1,0): cos 1; token 1 (0,1)=(0,2) vs (1,1): cos = 2/(2*sqrt2)
     expected = torch.tensor([1.0, 1 / math.sqrt(2), 1.0, 1.0])
     assert torch.allclose(sim[0, 0], expected, atol=1e-6)
@@ -37,8 +36,7 @@ def test_tar_similarity_is_mean_over_recent_frames():
     # Three chunks of 1x1; the last two are recent: past key (1,0) vs recent (1,0) and (0,5).
     keys = torch.tensor([[[[1.0, 0.0], [1.0, 0.0], [0.0, 5.0]]]])
     lay = _layout([VisionChunk(1, 1)] * 3)
-    recent = lay.chunk_id >= 1
-    sim = tar_similarity(keys, *lay.spatial_index(), recent)
+    sim = tar_similarity(keys, lay, torch.tensor([False, True, True]))
     assert sim[0, 0, 0].item() == pytest.approx(0.5)  # mean(cos=1, cos=0)
 
 
@@ -51,7 +49,7 @@ def test_tar_similarity_per_head_and_no_reference():
     table.append(VisionChunk(1, 2))  # tokens 0 (0,0), 1 (0,1)
     table.append(VisionChunk(1, 1))  # token 2 (0,0), recent
     lay = table.layout(torch.arange(3).expand(1, 2, 3))
-    sim = tar_similarity(keys, *lay.spatial_index(), lay.chunk_id == 1)
+    sim = tar_similarity(keys, lay, torch.tensor([False, True]))
     assert sim[0, 0].tolist() == pytest.approx([1.0, 0.0, 1.0])
     assert sim[0, 1].tolist() == pytest.approx([-1.0, 0.0, 1.0])
 
@@ -60,7 +58,7 @@ def test_tar_policy_scores_minus_similarity_and_protects_recent():
     keys = torch.tensor([[[[3.0, 0.0], [0.0, 2.0], [1.0, 0.0], [1.0, 1.0]]]])
     lay = _layout([VisionChunk(1, 2), VisionChunk(1, 2)])
     # recent_ratio 0.25 of 2 pseudo-frames rounds to 1 (at least one) recent frame.
-    score = TaRPolicy(recent_ratio=0.25).score(keys, keys, lay, layers=[0], num_layers=1, keep=3)
+    score = TaRPolicy(recent_ratio=0.25).score(keys, value_norms(keys), lay, layers=[0], num_layers=1, keep=3)
     assert score[0, 0, 0].item() == pytest.approx(-1.0)
     assert score[0, 0, 1].item() == pytest.approx(-1 / math.sqrt(2))
     assert torch.isinf(score[0, 0, 2:]).all() and (score[0, 0, 2:] > 0).all()
@@ -118,12 +116,12 @@ def test_infinipot_v_keeps_tar_choice_then_top_values():
     values = torch.tensor([[[[1.0, 0.0], [9.0, 0.0], [2.0, 0.0], [0.1, 0.0]]]])
     lay = _layout([VisionChunk(1, 1)] * 4)
     pol = InfiniPotVPolicy(tar_ratio=0.5, recent_ratio=0.2, pool_kernels=None)
-    scores = pol.score(keys, values, lay, layers=[0], num_layers=1, keep=2)
+    scores = pol.score(keys, value_norms(values), lay, layers=[0], num_layers=1, keep=2)
     assert keep_topk(scores, 2)[0, 0].tolist() == [1, 3]
     # With tar_ratio=1 TaR picks both: recent + the past token least like it (all equal -> earliest).
     keys2 = torch.tensor([[[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]]])
     pol = InfiniPotVPolicy(tar_ratio=1.0, recent_ratio=0.2, pool_kernels=None)
-    scores = pol.score(keys2, values, lay, layers=[0], num_layers=1, keep=2)
+    scores = pol.score(keys2, value_norms(values), lay, layers=[0], num_layers=1, keep=2)
     assert keep_topk(scores, 2)[0, 0].tolist() == [1, 3]
 
 
