@@ -18,6 +18,7 @@ same instants. Text after the video starts at max(position) + 1.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import time
@@ -28,6 +29,8 @@ import torch
 
 from ..kv import CappedKVCache, VisionChunk
 from .base import Answer, EncodedPatch, ModelAdapter, TokenCallback
+from .detokenize import IncrementalDetokenizer
+from .static_decode import ALLOWED_KW, DECODE_MODES, StaticDecodeStep, static_step_attention
 
 #: Name under which the masked SDPA attention is registered with transformers.
 ATTN_IMPLEMENTATION = "infinipot_sdpa"
@@ -49,6 +52,9 @@ def _masked_sdpa(module, query, key, value, attention_mask, **kwargs):
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    allowed = kwargs.pop(ALLOWED_KW, None)
+    if allowed is not None:  # the static decode step: one query over the whole capacity
+        return static_step_attention(module, query, key, value, allowed[module.layer_idx], kwargs.get("scaling")), None
     visible = kwargs.pop(_VISIBLE_KW, None)
     layer_idx = getattr(module, "layer_idx", None)
     if visible is not None and layer_idx is not None:
@@ -136,6 +142,12 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         min_pixels: floor on pixels per frame; None keeps the processor's.
         system_prompt: system message of the chat template.
         local_files_only: never contact the hub.
+        decode_mode: how answer tokens are decoded (see
+            :data:`~infinipot_ros.models.static_decode.DECODE_MODES`): "auto" = a
+            static-shape step, captured as a CUDA graph on CUDA; "eager" = the
+            static step without graphs; "compile" = the static step through
+            ``torch.compile(fullgraph=True)``; "dynamic" = the growing-view path
+            (the reference the static step is tested against).
     """
 
     family = "qwen2_5_vl"
@@ -150,8 +162,15 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         min_pixels: Optional[int] = None,
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         local_files_only: bool = True,
+        decode_mode: str = "auto",
     ) -> None:
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+        if decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
+        self.decode_mode = decode_mode
+        self.compile_backend: Any = None  # torch.compile backend of decode_mode "compile" (None = inductor)
+        self._static_step: Optional[StaticDecodeStep] = None
 
         _register_attention()
         self.model_id = str(model_path)
@@ -188,6 +207,10 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         self._prefix_text, self._suffix_template = self._split_template()
         self._prefix_ids = self._encode(self._prefix_text)
         self.eos_ids = self._eos_ids()
+        # Ids the tokenizer can decode; embedding rows beyond it (padding of real checkpoints) are never sampled.
+        self.num_decodable = min(len(self.tokenizer), int(self.model.config.text_config.vocab_size
+                                                          if hasattr(self.model.config, "text_config")
+                                                          else self.model.config.vocab_size))
 
     # ------------------------------------------------------------- templates
     def _render(self, question: str) -> str:
@@ -308,10 +331,8 @@ class Qwen2_5_VLAdapter(ModelAdapter):
     @staticmethod
     def next_text_position(cache: CappedKVCache) -> int:
         """First position after everything cached: max(position) + 1 (prefix only: its length)."""
-        recs = cache.table.records
-        if not recs:
-            return cache.prefix_length
-        return max(int(r.chunk.meta["max_position"]) for r in recs) + 1
+        top = cache.table.max_position()
+        return cache.prefix_length if top is None else top + 1
 
     # --------------------------------------------------------------- forwards
     def _forward(
@@ -379,10 +400,30 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         if (chunk.grid_h, chunk.grid_w) != (patch.grid_h, patch.grid_w):
             raise ValueError(f"chunk grid {chunk.grid_h}x{chunk.grid_w} != patch grid {patch.grid_h}x{patch.grid_w}")
         pos = self.chunk_positions(cache.prefix_length, seconds, patch.grid_h, patch.grid_w)
-        chunk.meta["temporal_position"] = int(pos[0, 0])
-        chunk.meta["max_position"] = int(pos.max())
+        chunk = dataclasses.replace(chunk, position=int(pos[0, 0]), max_position=int(pos.max()))
         with cache.vision_chunk(chunk):
             return self._forward(cache, patch.embeds, pos, logits="all" if return_logits else "none")
+
+    def _decode_step(self, cache: CappedKVCache) -> StaticDecodeStep:
+        """The static decode step bound to ``cache``'s buffers (built again, and re-captured, if they changed)."""
+        step = self._static_step
+        if step is None or not step.bound_to(cache):
+            layer_types = set(self.layer_types)
+
+            def forward(embeds, position_ids, view, allowed):
+                out = self._lm(inputs_embeds=embeds, position_ids=position_ids,
+                               attention_mask={lt: None for lt in layer_types},
+                               use_cache=True, **{self._cache_kw: view, ALLOWED_KW: allowed})
+                return out.last_hidden_state
+
+            step = StaticDecodeStep(
+                cache, forward=forward, embed=self.model.get_input_embeddings(),
+                head=lambda h: self.model.lm_head(h).float(),
+                positions=lambda p: p.view(1, 1, 1).expand(3, 1, 1),  # text: the same id on the 3 M-RoPE rows
+                mode=self.decode_mode, compile_backend=self.compile_backend,
+            )
+            self._static_step = step
+        return step
 
     @torch.inference_mode()
     def generate(
@@ -398,12 +439,18 @@ class Qwen2_5_VLAdapter(ModelAdapter):
     ) -> Answer:
         """Answer from the cache; question and answer tokens are removed afterwards.
 
-        Greedy decoding by default (repeatable answers); ``temperature`` > 0
-        samples with a generator seeded by ``seed``.
+        The question is prefilled in one forward; answer tokens are decoded
+        by the static-shape step (see ``decode_mode``) and turned into text
+        incrementally (:class:`IncrementalDetokenizer`: a piece never ends
+        inside a UTF-8 character). Greedy decoding by default (repeatable
+        answers); ``temperature`` > 0 samples with a generator seeded by ``seed``.
 
         Args:
             visible: per-layer [B, H_kv, S] bool from ``cache.visibility``; None = all.
             on_text: called with each new piece of text; returning False stops.
+
+        Raises:
+            ValueError: empty question.
         """
         t0 = time.perf_counter()
         q_ids = self.question_ids(question)
@@ -412,43 +459,53 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         start = self.next_text_position(cache)
         embed = self.model.get_input_embeddings()
         gen = torch.Generator(device="cpu").manual_seed(seed)
+        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
         out_ids: list[int] = []
-        text = ""
         stopped = "max_new_tokens"
         context = cache.get_seq_length()
         if visible is not None:
             context = int(round(sum(int(v[0].sum()) for v in visible) / (len(visible) * visible[0].shape[1])))
+        t_first = t0
         with cache.scratch():
+            # Room for the whole answer before decoding starts: buffers never move mid-answer.
+            cache.ensure_capacity(cache.get_seq_length() + len(q_ids) + max_new_tokens)
             ids = torch.tensor(q_ids, device=self.device)
             pos = (torch.arange(len(q_ids)) + start).expand(3, -1)
             logits = self._forward(cache, embed(ids), pos, visible=visible)
             next_pos = start + len(q_ids)
-            for step in range(max_new_tokens):
+            step = None if self.decode_mode == "dynamic" else self._decode_step(cache)
+            if step is not None:
+                step.begin(visible)
+            for i in range(max_new_tokens):
+                logits = logits[: self.num_decodable]
                 if temperature > 0:
                     probs = torch.softmax(logits.cpu() / temperature, dim=-1)
                     tok = int(torch.multinomial(probs, 1, generator=gen))
                 else:
                     tok = int(torch.argmax(logits))
-                if step == 0:
+                if i == 0:
                     t_first = time.perf_counter()
                 if tok in self.eos_ids:
                     stopped = "eos"
                     break
                 out_ids.append(tok)
-                new_text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
-                piece, text = new_text[len(text):], new_text
+                piece = detok.push(tok)
                 if on_text is not None and piece and on_text(piece) is False:
                     stopped = "cancelled"
                     break
-                if step + 1 == max_new_tokens:
+                if i + 1 == max_new_tokens:
                     break
-                ids = torch.tensor([tok], device=self.device)
-                logits = self._forward(
-                    cache, embed(ids), torch.full((3, 1), next_pos), visible=visible
-                )
+                if step is not None:
+                    logits = step(tok, next_pos)
+                else:
+                    logits = self._forward(cache, embed(torch.tensor([tok], device=self.device)),
+                                           torch.full((3, 1), next_pos), visible=visible)
                 next_pos += 1
+        tail = detok.flush()
+        if on_text is not None and tail and stopped != "cancelled":
+            on_text(tail)
         t_end = time.perf_counter()
         ttft = (t_first - t0) if max_new_tokens > 0 else 0.0
         tps = (len(out_ids) - 1) / (t_end - t_first) if len(out_ids) > 1 and t_end > t_first else 0.0
-        return Answer(text=text.strip(), token_ids=out_ids, context_tokens=context, stopped_by=stopped,
+        return Answer(text=detok.text.strip(), token_ids=out_ids, context_tokens=context, stopped_by=stopped,
                       ttft_s=ttft, decode_tok_s=tps)

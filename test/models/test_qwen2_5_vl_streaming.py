@@ -131,7 +131,7 @@ def test_compressed_stream_keeps_positions_and_answers(tiny_adapter, vtest_frame
     cache, _ = _stream(tiny_adapter, frames, budget=CacheBudget(max_vision_tokens=160), policy=make_policy(policy))
     assert cache.compressions >= 2 and cache.vision_length <= 160
     # the next text position follows the newest frame, which survives every compression
-    assert tiny_adapter.next_text_position(cache) == cache.table.records[-1].chunk.meta["max_position"] + 1
+    assert tiny_adapter.next_text_position(cache) == cache.table.records[-1].chunk.max_position + 1
     answer = tiny_adapter.generate(cache, "What is happening?", max_new_tokens=4)
     assert len(answer.token_ids) == 4
 
