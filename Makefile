@@ -96,7 +96,7 @@ demo: setup
 	$(ROS_ENV) && bash scripts/demo.sh $(VIDEO)
 
 bench: setup
-	$(ROS_ENV) && python bench/bench_stream.py --video $(VIDEO)
+	$(ROS_ENV) && infinipot-bench --video $(VIDEO) --fps 2 --max-tokens 2048 --policies infinipot_v,none
 
 clean:
 	rm -rf build install log $(STAMPS)/build

@@ -19,37 +19,11 @@ import logging
 import os
 import sys
 import time
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
-import cv2
-import numpy as np
+from .video import iter_video
 
 log = logging.getLogger("infinipot-stream")
-
-
-def iter_video(path: str, max_frames: int = 0) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Yield (index, stamp_ns, RGB uint8 frame) of a video file; stamps = index / fps.
-
-    Raises:
-        OSError: the file cannot be opened as a video.
-    """
-    cap = cv2.VideoCapture(path)
-    if not cap.isOpened():
-        raise OSError(f"cannot open video {path!r}")
-    fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
-    if fps <= 0:
-        fps = 30.0
-        log.warning("%s reports no frame rate; assuming %.0f fps", path, fps)
-    try:
-        index = 0
-        while not max_frames or index < max_frames:
-            ok, bgr = cap.read()
-            if not ok:
-                break
-            yield index, int(round(index * 1e9 / fps)), cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            index += 1
-    finally:
-        cap.release()
 
 
 def build_parser() -> argparse.ArgumentParser:
