@@ -27,8 +27,7 @@ log = logging.getLogger(__name__)
 
 #: Error codes of :class:`AskError` (and of the Ask service's ``error`` field).
 ASK_ERROR_CODES = ("TIMEOUT", "BUSY", "NO_FRAMES", "BAD_REQUEST", "MODEL_ERROR")
-MAX_QUESTION_CHARS = 4000
-MAX_NEW_TOKENS_LIMIT = 2048
+MAX_QUESTION_CHARS = 4000  # cheap bound checked before tokenizing; the real limit is in tokens
 MIN_FRAME_SIDE = 28
 
 
@@ -128,9 +127,22 @@ class StreamingAssistant:
         self._origin_ns: Optional[int] = None
         self.cache: CappedKVCache = self._new_cache()
 
+    @property
+    def reserve_tokens(self) -> int:
+        """KV slots per layer and head beyond prefix + M: the configured value, or (0 = auto) the larger of
+        the biggest chunk and the longest question + answer (a chunk and an answer never coexist)."""
+        if self.config.reserve_tokens > 0:
+            return self.config.reserve_tokens
+        return max(self.adapter.max_chunk_tokens(), self._max_scratch_tokens)
+
+    @property
+    def _max_scratch_tokens(self) -> int:
+        """Longest question + answer, in tokens: template + max_question_tokens + max_new_tokens."""
+        return len(self.adapter.question_ids("")) + self.config.max_question_tokens + self.config.max_new_tokens
+
     def _new_cache(self) -> CappedKVCache:
         cache = self.adapter.new_cache(
-            budget=self.config.make_budget(), policy=self.policy, reserve_tokens=self.config.reserve_tokens
+            budget=self.config.make_budget(), policy=self.policy, reserve_tokens=self.reserve_tokens
         )
         self.adapter.prefill_prefix(cache)
         return cache
@@ -245,7 +257,7 @@ class StreamingAssistant:
             cameras: only tokens of these cameras are visible; None/empty = all.
             since_ns, until_ns: only frames stamped inside [since, until]
                 (header stamps, ns) are visible; 0 = open end.
-            max_new_tokens: answer cap; 0 = the config's default.
+            max_new_tokens: answer cap; 0 = the config's ``max_new_tokens``, which is also the largest allowed.
             on_text: called with each new piece of answer text; False stops.
 
         Raises:
@@ -255,8 +267,13 @@ class StreamingAssistant:
             raise AskError("BAD_REQUEST", "question is empty")
         if len(question) > MAX_QUESTION_CHARS:
             raise AskError("BAD_REQUEST", f"question longer than {MAX_QUESTION_CHARS} characters")
-        if max_new_tokens < 0 or max_new_tokens > MAX_NEW_TOKENS_LIMIT:
-            raise AskError("BAD_REQUEST", f"max_new_tokens must be in [0, {MAX_NEW_TOKENS_LIMIT}]")
+        if max_new_tokens < 0 or max_new_tokens > self.config.max_new_tokens:
+            raise AskError("BAD_REQUEST", f"max_new_tokens must be in [0, {self.config.max_new_tokens}] "
+                                          f"(ask.max_new_tokens; the KV reserve is sized for it)")
+        n_question = len(self.adapter.question_ids(question.strip())) - len(self.adapter.question_ids(""))
+        if n_question > self.config.max_question_tokens:
+            raise AskError("BAD_REQUEST", f"question is {n_question} tokens, more than max_question_tokens="
+                                          f"{self.config.max_question_tokens}")
         if since_ns < 0 or until_ns < 0 or (since_ns and until_ns and since_ns > until_ns):
             raise AskError("BAD_REQUEST", f"bad time window since={since_ns} until={until_ns}")
         with self._lock:

@@ -5,7 +5,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple
 
 from ..kv import DEFAULT_POOL_KERNELS, POLICIES, CacheBudget, ScoringPolicy, make_policy
-from ..models import DEFAULT_MODEL
+from ..models import DECODE_MODES, DEFAULT_MODEL
+
+#: Upper bound of ``max_new_tokens`` (any configuration).
+MAX_NEW_TOKENS_LIMIT = 4096
 
 
 @dataclass
@@ -28,8 +31,16 @@ class EngineConfig:
         tar_ratio: alpha, share of C chosen by TaR (InfiniPot-V).
         recent_ratio: share of cached frames treated as recent by TaR.
         pool_kernels: VaN pooling kernels per layer quarter; () = no pooling.
-        reserve_tokens: KV slots beyond prefix + M for one chunk and a question/answer.
-        max_new_tokens: default answer length cap.
+        reserve_tokens: KV slots beyond prefix + M for the chunk being prefilled or the
+            question + answer (they never coexist); 0 (default) = sized from the
+            largest chunk ``max_pixels`` allows and the longest question + answer
+            (``max_question_tokens`` + ``max_new_tokens``), so the reserved KV bytes
+            stay within budget + one chunk + one answer.
+        max_new_tokens: answer length cap in tokens: the default of a request and
+            the most it may ask for (the KV reserve is sized for it).
+        max_question_tokens: longest question accepted, in tokens (longer: BAD_REQUEST).
+        decode_mode: answer decoding (models.static_decode.DECODE_MODES): "auto" = a
+            static-shape step, a CUDA graph on CUDA; "eager", "compile", "dynamic".
         temperature: 0 = greedy decoding (repeatable), > 0 samples.
     """
 
@@ -47,9 +58,11 @@ class EngineConfig:
     tar_ratio: float = 0.5
     recent_ratio: float = 0.125
     pool_kernels: Tuple[Tuple[int, int, int], ...] = field(default=DEFAULT_POOL_KERNELS)
-    reserve_tokens: int = 1024
+    reserve_tokens: int = 0
     max_new_tokens: int = 128
+    max_question_tokens: int = 256
     temperature: float = 0.0
+    decode_mode: str = "auto"
 
     def __post_init__(self) -> None:
         if self.policy != "none" and self.policy not in POLICIES:
@@ -60,8 +73,12 @@ class EngineConfig:
             raise ValueError(f"budget_mb must be > 0, got {self.budget_mb}")
         if self.policy != "none" and self.budget_mb is None and not self.max_vision_tokens:
             raise ValueError("a compression policy needs a budget: max_vision_tokens or budget_mb")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise ValueError(f"max_new_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {self.max_new_tokens}")
+        if self.max_question_tokens < 1:
+            raise ValueError(f"max_question_tokens must be >= 1, got {self.max_question_tokens}")
+        if self.decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {self.decode_mode!r}")
         if self.reserve_tokens < 0:
             raise ValueError(f"reserve_tokens must be >= 0, got {self.reserve_tokens}")
         self.pool_kernels = tuple(tuple(int(x) for x in k) for k in self.pool_kernels)  # type: ignore[assignment]
@@ -88,7 +105,8 @@ class EngineConfig:
         )
 
     def adapter_kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {"max_pixels": self.max_pixels, "min_pixels": self.min_pixels}
+        kw: dict[str, Any] = {"max_pixels": self.max_pixels, "min_pixels": self.min_pixels,
+                              "decode_mode": self.decode_mode}
         if self.system_prompt:
             kw["system_prompt"] = self.system_prompt
         return kw

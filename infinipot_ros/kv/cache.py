@@ -22,6 +22,7 @@ Pure torch (no model, no ROS); works on any device and dtype.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ import torch
 from .layout import ChunkTable, VisionChunk, VisionLayout
 from .policy import ScoringPolicy
 from .selection import gather_tokens, keep_topk
+
+log = logging.getLogger(__name__)
 
 #: Vision-token budget in MB uses decimal megabytes (1 MB = 1e6 bytes).
 MB = 1_000_000
@@ -314,12 +317,21 @@ class CappedKVCache:
         if needed <= cap:
             return
         if self.max_vision_tokens is not None:
-            # Capped: room for prefix + M + reserve; grow only if a single
-            # chunk or question is bigger than the reserve.
-            target = max(needed, self._prefix_len + self.max_vision_tokens + self.reserve_tokens)
+            # Capped: exactly prefix + M + reserve (allocated when the prefix is done); grow only if a
+            # single chunk or question + answer is bigger than the reserve.
+            steady = self._prefix_len + self.max_vision_tokens + self.reserve_tokens
+            if needed > steady:
+                log.warning("KV cache grows past prefix + M + reserve (%d > %d slots): a chunk or question + answer "
+                            "is larger than reserve_tokens=%d", needed, steady, self.reserve_tokens)
+            target = max(needed, steady)
+        elif not self._prefix_done and self.budget.capped:
+            target = needed  # the prefix itself; the capped size is known once its length is
         else:
-            target = max(needed, int(cap * 1.5), 1024)
-        target = (target + 255) // 256 * 256
+            target = (max(needed, int(cap * 1.5), 1024) + 255) // 256 * 256
+        self._reallocate(target)
+
+    def _reallocate(self, target: int) -> None:
+        """Move the buffers to ``target`` slots per layer and head, keeping what is cached."""
         shape = (self.num_layers, self.batch_size, self.num_kv_heads, target, self.head_dim)
         # Zeros, not empty: static-shape steps attend over the whole capacity with masked-out slots, and
         # a masked slot holding NaN/inf garbage would still poison the output (0 x NaN = NaN).
@@ -366,6 +378,9 @@ class CappedKVCache:
         self._prefix_done = True
         m, c = self.budget.resolve(self.bytes_per_token, self._prefix_len)
         self.max_vision_tokens, self.target_vision_tokens = m, c
+        if m is not None:  # the steady-state size, allocated once: prefix + M + reserve
+            with torch.inference_mode():
+                self._reallocate(self._prefix_len + m + self.reserve_tokens)
 
     @contextlib.contextmanager
     def vision_chunk(self, chunk: VisionChunk) -> Iterator[None]:

@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 
 from .base import Answer, EncodedPatch, ModelAdapter, TokenCallback
+from .static_decode import DECODE_MODES
 from .tiny import BUILTIN_PREFIX, TINY_MODEL_NAME, build_tiny_qwen2_5_vl, default_cache_dir, resolve_model
 
 #: Default model: the tiny Qwen2.5-VL built locally (no download, random weights).
@@ -71,7 +72,7 @@ def load_adapter(
         device, dtype: see :func:`resolve_device`, :func:`resolve_dtype`.
         local_files_only: never contact the hub; default: True unless
             HF_HUB_OFFLINE is "0" (robots are usually offline).
-        adapter_kwargs: max_pixels, min_pixels, system_prompt.
+        adapter_kwargs: max_pixels, min_pixels, system_prompt, decode_mode.
 
     Raises:
         ValueError: unknown builtin, dtype, device, or unsupported model family.
@@ -93,6 +94,6 @@ def load_adapter(
 
 
 __all__ = [
-    "Answer", "DEFAULT_MODEL", "EncodedPatch", "ModelAdapter", "TokenCallback", "build_tiny_qwen2_5_vl",
+    "Answer", "DECODE_MODES", "DEFAULT_MODEL", "EncodedPatch", "ModelAdapter", "TokenCallback", "build_tiny_qwen2_5_vl",
     "default_cache_dir", "load_adapter", "resolve_device", "resolve_dtype", "resolve_model",
 ]

@@ -69,6 +69,14 @@ class ModelAdapter:
             self.num_layers, self.num_kv_heads, self.head_dim, dtype=self.dtype, device=self.device, **cache_kwargs
         )
 
+    def max_chunk_tokens(self) -> int:
+        """Most vision tokens one temporal patch can have at this adapter's resolution cap."""
+        raise NotImplementedError
+
+    def question_ids(self, question: str) -> list[int]:
+        """Token ids of the scratch text that carries ``question`` (template included)."""
+        raise NotImplementedError
+
     def prefill_prefix(self, cache: CappedKVCache) -> int:
         """Write the protected prefix (system prompt .. first vision-start token); returns its length."""
         raise NotImplementedError

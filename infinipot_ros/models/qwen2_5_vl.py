@@ -288,6 +288,11 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         )
         return h // factor, w // factor
 
+    def max_chunk_tokens(self) -> int:
+        """Upper bound of merged tokens per temporal patch: max_pixels / (patch x merge)^2 (smart_resize keeps h x w <= max_pixels)."""
+        factor = int(getattr(self.processor.video_processor, "patch_size", 14)) * self.spatial_merge
+        return max(1, self.max_pixels // (factor * factor))
+
     @torch.inference_mode()
     def encode_patch(self, frames: Sequence[np.ndarray]) -> EncodedPatch:
         """Vision-encode one temporal patch.

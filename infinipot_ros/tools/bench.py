@@ -79,6 +79,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from ..models.static_decode import DECODE_MODES
 from .video import iter_video, probe_video
 
 PROG = "infinipot-bench"
@@ -126,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model dtype: float32, bfloat16, float16, auto (default: float32 for tiny, else auto = bf16 on CUDA)")
     p.add_argument("--max-pixels", type=int, default=None, help="cap on pixels per frame (default: the engine's, 200704)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length of the questions at the points (default 32)")
+    p.add_argument("--decode-mode", default=None, choices=DECODE_MODES,
+                   help="answer decoding of the engine (default: its own, auto = static step, CUDA graph on CUDA)")
     p.add_argument("--question", default=DEFAULT_QUESTION, help=f"question asked at every point (default {DEFAULT_QUESTION!r})")
     p.add_argument("--count-ops", action="store_true",
                    help="after the stream: top-level aten ops per decoded token and per compression (torch.profiler)")
@@ -256,7 +259,10 @@ def _worker(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     kw: dict[str, Any] = dict(model=args.model_path, device=args.device, dtype=args.dtype or "auto", policy=policy,
                               max_vision_tokens=args.max_tokens, frame_rate_hz=args.fps,
-                              max_new_tokens=args.max_new_tokens)
+                              # the engine refuses answers longer than its max_new_tokens (the KV reserve is sized for it)
+                              max_new_tokens=max(args.max_new_tokens, OPS_TOKENS[-1] if args.count_ops else 1))
+    if args.decode_mode:
+        kw["decode_mode"] = args.decode_mode
     if args.max_pixels is not None:
         kw["max_pixels"] = args.max_pixels
     eng = StreamingAssistant(EngineConfig(**kw))
@@ -711,6 +717,8 @@ def _child_argv(args: argparse.Namespace, policy: str, frames: int, model: str, 
             f"--device={args.device}", f"--max-new-tokens={args.max_new_tokens}", f"--question={args.question}"]
     if dtype:
         argv.append(f"--dtype={dtype}")
+    if args.decode_mode:
+        argv.append(f"--decode-mode={args.decode_mode}")
     if args.max_pixels is not None:
         argv.append(f"--max-pixels={args.max_pixels}")
     if args.count_ops:

@@ -21,6 +21,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from ..models.static_decode import DECODE_MODES
 from .video import iter_video
 
 log = logging.getLogger("infinipot-stream")
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compress", action="store_true", help="full KV cache, no cap (same as --policy none)")
     p.add_argument("--ask", action="append", default=[], metavar="QUESTION", help="question asked after the last frame (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer length cap (default 128)")
+    p.add_argument("--decode-mode", default=None, choices=DECODE_MODES,
+                   help="answer decoding: auto (static step; CUDA graph on CUDA), eager, compile, dynamic")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -67,6 +70,8 @@ def _config_from_args(args: argparse.Namespace):
         kw["target_ratio"] = args.target_ratio
     if args.max_new_tokens is not None:
         kw["max_new_tokens"] = args.max_new_tokens
+    if args.decode_mode is not None:
+        kw["decode_mode"] = args.decode_mode
     if args.no_compress:
         if args.policy not in (None, "none"):
             raise ValueError("--no-compress contradicts --policy " + args.policy)

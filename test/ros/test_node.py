@@ -29,7 +29,7 @@ def graph(tiny_adapter, tiny_model_dir):
     """Node (engine with the shared tiny model) + a client node, spun by one executor thread."""
     rclpy.init()
     cfg = EngineConfig(model=tiny_model_dir, device="cpu", dtype="float32", max_pixels=64 * 28 * 28,
-                       policy="infinipot_v", max_vision_tokens=200, frame_rate_hz=2.0)
+                       policy="infinipot_v", max_vision_tokens=200, frame_rate_hz=2.0, max_new_tokens=2000)
     engine = StreamingAssistant(cfg, adapter=tiny_adapter)
     node = AssistantNode(engine=engine, parameter_overrides=[
         Parameter("stream.image_topics", value=[FRONT, REAR]),
@@ -151,4 +151,7 @@ def test_ask_times_out_with_code(graph, vtest_frames):
     assert _wait(lambda: node.stats().frames.ingested >= 2, 60)
     res = _call(ask, question="Describe everything in detail.", max_new_tokens=2000, timeout_s=0.05)
     assert not res.success and res.error.startswith("TIMEOUT")
+    # beyond the configured answer cap (the KV reserve is sized for it): refused, not truncated
+    res = _call(ask, question="Describe everything in detail.", max_new_tokens=2001)
+    assert not res.success and res.error.startswith("BAD_REQUEST") and "max_new_tokens" in res.error
     assert _call(ask, question="still alive?", max_new_tokens=2).success
