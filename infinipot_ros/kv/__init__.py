@@ -13,7 +13,7 @@ from .cache import CacheBudget, CacheStateError, CacheStats, CappedKVCache, Comp
 from .infinipot_v import InfiniPotVPolicy
 from .layout import ChunkTable, VisionChunk, VisionLayout
 from .policy import ScoringPolicy
-from .selection import gather_tokens, keep_topk
+from .selection import gather_kept, gather_tokens, keep_topk
 from .tar import TaRPolicy, tar_similarity
 from .van import DEFAULT_POOL_KERNELS, PooledVaNPolicy, VaNPolicy, pool_on_grid, value_norms
 
@@ -47,5 +47,5 @@ __all__ = [
     "CacheBudget", "CacheStateError", "CacheStats", "CappedKVCache", "ChunkTable", "CompressionEvent",
     "DEFAULT_POOL_KERNELS", "InfiniPotVPolicy", "POLICIES", "PooledVaNPolicy", "RecentPolicy",
     "ScoringPolicy", "TaRPolicy", "UniformPolicy", "VaNPolicy", "VisionChunk", "VisionLayout",
-    "gather_tokens", "keep_topk", "make_policy", "pool_on_grid", "tar_similarity", "value_norms",
+    "gather_kept", "gather_tokens", "keep_topk", "make_policy", "pool_on_grid", "tar_similarity", "value_norms",
 ]

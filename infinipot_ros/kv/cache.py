@@ -30,9 +30,10 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from . import triton_kernels
 from .layout import ChunkTable, VisionChunk, VisionLayout
 from .policy import ScoringPolicy
-from .selection import gather_tokens, keep_topk
+from .selection import gather_kept, keep_topk
 
 log = logging.getLogger(__name__)
 
@@ -484,11 +485,17 @@ class CappedKVCache:
                 k_vis, norms, self.table.layout(ids), layers=list(range(lo, hi)), num_layers=self.num_layers, keep=keep
             )
             idx = keep_topk(scores, keep)  # [N, H, keep], ascending
+            if triton_kernels.use_triton(self.device):  # in place, no temporary of the kept tokens
+                triton_kernels.compact_([k_vis, v_vis, norms, ids], idx, keep)
+                continue
             kept = (hi - lo, b, h, keep)
-            self._keys[lo:hi, :, :, p : p + keep] = gather_tokens(k_vis, idx).view(*kept, d)
-            self._values[lo:hi, :, :, p : p + keep] = gather_tokens(v_vis, idx).view(*kept, d)
-            self._value_norms[lo:hi, :, :, :keep] = gather_tokens(norms, idx).view(kept)
-            self._token_ids[lo:hi, :, :, :keep] = gather_tokens(ids, idx).view(kept)
+            # gather every kept row first (copies), then write them to the front of the vision region
+            k_kept, v_kept = gather_kept(self._keys, lo, p, idx), gather_kept(self._values, lo, p, idx)
+            n_kept, i_kept = gather_kept(self._value_norms, lo, 0, idx), gather_kept(self._token_ids, lo, 0, idx)
+            self._keys[lo:hi, :, :, p : p + keep] = k_kept.view(*kept, d)
+            self._values[lo:hi, :, :, p : p + keep] = v_kept.view(*kept, d)
+            self._value_norms[lo:hi, :, :, :keep] = n_kept.view(kept)
+            self._token_ids[lo:hi, :, :, :keep] = i_kept.view(kept)
         self._len = [p + keep] * self.num_layers
         self._vision_len = keep
         dropped = self.table.prune(self._token_ids[..., :keep])  # the one host sync

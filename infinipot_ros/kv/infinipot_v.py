@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Optional, Tuple
 
 
+from . import triton_kernels
 from .policy import ScoringPolicy
 from .selection import keep_topk
 from .tar import TaRPolicy
@@ -40,11 +41,18 @@ class InfiniPotVPolicy(ScoringPolicy):
         self.pool_kernels = self._van.pool_kernels
 
     def score(self, keys, value_norms, layout, *, layers, num_layers, keep):
-        tar, n_recent = self._tar.tar_scores(keys, layout)
+        if triton_kernels.use_triton(keys.device):
+            # One fused launch for TaR similarity and the layer-adaptive pooled norms (torch code = reference).
+            kernels = self._van.row_kernels(layers, num_layers, keys.shape[0] // len(layers))
+            sim, van = triton_kernels.fused_scores(keys, value_norms, layout, self._tar.recent_chunks(layout)[0],
+                                                   kernels)
+            tar, n_recent = self._tar.tar_scores(keys, layout, sim=sim)
+        else:
+            tar, n_recent = self._tar.tar_scores(keys, layout)
+            van = self._van.van_scores(value_norms, layout, layers, num_layers)
         n_tar = min(keep, max(n_recent, int(self.tar_ratio * keep)))
         chosen = keep_topk(tar, n_tar)
-        final = self._van.van_scores(value_norms, layout, layers, num_layers)
-        return final.scatter(2, chosen, float("inf"))  # out of place: final may be the cached norms
+        return van.scatter(2, chosen, float("inf"))  # out of place: van may be the cached norms
 
     def describe(self) -> str:
         return (

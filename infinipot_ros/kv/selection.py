@@ -50,3 +50,29 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         # torch.gather reads a strided view (the cache's buffers) as it is: no copy of x.
         return torch.gather(x, 2, idx.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
     return torch.gather(x, 2, idx)
+
+
+def gather_kept(buffer: torch.Tensor, first_layer: int, offset: int, idx: torch.Tensor) -> torch.Tensor:
+    """Gather kept tokens straight from a cache buffer, as row copies.
+
+    Args:
+        buffer: contiguous [L, B, H_kv, capacity, D] (keys, values) or [L, B, H_kv, capacity] (metadata).
+        first_layer: layer of the first row of ``idx``.
+        offset: slot of index 0 (the prefix length for K/V, 0 for vision-indexed metadata).
+        idx: [N, H_kv, k] int64 from :func:`keep_topk`, N = layers x B (layer-major) starting at ``first_layer``.
+
+    Returns:
+        [N, H_kv, k, D] or [N, H_kv, k], a new tensor (the buffer is not modified).
+
+    One ``index_select`` over the buffer seen as rows: an order of magnitude
+    faster than an element-wise ``gather`` on the strided vision view.
+    """
+    if not buffer.is_contiguous():
+        raise ValueError("gather_kept needs the contiguous cache buffer")
+    _, b, h, cap = buffer.shape[:4]
+    n = idx.shape[0]
+    row = (torch.arange(n, device=idx.device) + first_layer * b).view(n, 1, 1) * h + torch.arange(h, device=idx.device).view(1, h, 1)
+    src = (row * cap + offset + idx).reshape(-1)
+    if buffer.dim() == 5:
+        return buffer.view(-1, buffer.shape[-1]).index_select(0, src).view(n, h, idx.shape[-1], buffer.shape[-1])
+    return buffer.view(-1).index_select(0, src).view(n, h, idx.shape[-1])

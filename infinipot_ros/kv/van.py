@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .layout import VisionLayout
 from .policy import ScoringPolicy
@@ -55,10 +56,15 @@ def pool_on_grid(scores: torch.Tensor, layout: VisionLayout, kernel: Kernel) -> 
     average), so evicted neighbours neither dilute nor inflate it. The time
     axis is the order of the camera's chunks that still have tokens in the
     cache; cameras never mix. A neighbour (t + dt, row + dr, col + dc) is the
-    token of the camera's chunk at t + dt with that (row, col) on its own grid;
-    it is found by binary search in the row's ascending token ids, so the cost
-    is O(S x window x log S) per row, whatever the number of cached chunks
-    (a dense grid would grow with them). No host synchronisation.
+    token of the camera's chunk at t + dt with that (row, col) on its own grid.
+
+    How: per row (layer x batch, KV head), a padded "position plane" [chunks
+    the row holds (at most S) + 1 empty, rows + 2 r_h, cols + 2 r_w] maps
+    (chunk, row, col) to 1 + the token's slot (0 = absent), so every neighbour
+    is one gather with no bounds checks (the padding and the empty plane
+    answer "absent"). Work and transient memory are O(rows x min(S, chunks)
+    x cells + S x window), whatever the number of chunks ever streamed. No
+    host synchronisation.
 
     Args:
         scores: [N, H_kv, S] float scores (N = batch x layers).
@@ -78,27 +84,36 @@ def pool_on_grid(scores: torch.Tensor, layout: VisionLayout, kernel: Kernel) -> 
     n, h, s = scores.shape
     if s == 0:
         return vals
-    lk = layout.lookup
     kt, kh, kw = kernel
-    dt, dr, dc = (torch.arange(k, device=scores.device) - k // 2 for k in kernel)
-    ci = layout.chunk
+    rh, rw = kh // 2, kw // 2
+    dev = scores.device
+    lk = layout.lookup
+    ci = layout.chunk  # [N, H, S], ascending along S
+    rows, n_rec = n * h, lk.n_records
+    n_planes = min(s, n_rec) + 1  # the chunks a row can hold, plus one empty plane for "no such chunk"
+    row_id = torch.arange(rows, device=dev).view(n, h, 1)
+    # Compact chunk index within the row (ids ascending -> chunk index ascending), and the map chunk -> plane.
+    compact = torch.cat([torch.zeros_like(ci[..., :1]), (ci[..., 1:] != ci[..., :-1]).long()], -1).cumsum(-1)
+    plane_of = torch.full((rows * (n_rec + 1),), n_planes - 1, dtype=torch.long, device=dev)
+    plane_of.index_copy_(0, (row_id * (n_rec + 1) + ci).view(-1), compact.view(-1))
+    hp = max(g[0] for g in lk.grid_per_slot) + 2 * rh
+    wp = max(g[1] for g in lk.grid_per_slot) + 2 * rw
+    cell = (layout.row + rh) * wp + (layout.col + rw)  # [N, H, S] padded cell of each token
+    plane = torch.zeros(rows * n_planes * hp * wp, dtype=torch.int32, device=dev)
+    plane.index_copy_(0, ((row_id * n_planes + compact) * (hp * wp) + cell).view(-1),
+                      torch.arange(1, s + 1, dtype=torch.int32, device=dev).repeat(rows))
     # The camera's chunk at t + dt (one lookup per time offset, shared by the kh x kw cells).
     t_max = lk.by_slot_time.shape[1]
-    nt = lk.t_local[ci].unsqueeze(-1) + dt  # [N, H, S, kt]
-    nrec = lk.by_slot_time.reshape(-1)[(lk.slot[ci] * t_max).unsqueeze(-1) + nt.clamp(0, t_max - 1)]
-    nrec = torch.where((nt >= 0) & (nt < t_max), nrec, -1)
-    first, gh, gw = lk.table[:3].t()[nrec.clamp(min=0)].unbind(-1)  # LOOKUP_COLUMNS[:3]
-    exists = (nrec >= 0)[..., None, None]
-    first, gh, gw = first[..., None, None], gh[..., None, None], gw[..., None, None]  # [N, H, S, kt, 1, 1]
-    nr = (layout.row.unsqueeze(-1) + dr)[..., None, :, None]  # [N, H, S, 1, kh, 1]
-    nc = (layout.col.unsqueeze(-1) + dc)[..., None, None, :]  # [N, H, S, 1, 1, kw]
-    valid = exists & (nr >= 0) & (nr < gh) & (nc >= 0) & (nc < gw)
-    wanted = (first + nr * gw + nc).reshape(n, h, -1)  # [N, H, S * K] neighbour ids
-    ids = layout.token_ids.contiguous()
-    pos = torch.searchsorted(ids, wanted).clamp_(max=s - 1)
-    found = valid.reshape(n, h, -1) & (ids.gather(2, pos) == wanted)
-    num = (vals.gather(2, pos) * found).view(n, h, s, -1).sum(-1)
-    return num / found.view(n, h, s, -1).sum(-1).clamp(min=1)
+    nt = lk.t_local[ci].unsqueeze(-1) + (torch.arange(kt, device=dev) - kt // 2)  # [N, H, S, kt]
+    nrec = lk.by_slot_time.reshape(-1).index_select(
+        0, ((lk.slot[ci] * t_max).unsqueeze(-1) + nt.clamp(0, t_max - 1)).view(-1)).view(n, h, s, kt)
+    nrec = torch.where((nt >= 0) & (nt < t_max) & (nrec >= 0), nrec, n_rec)  # n_rec -> the empty plane
+    nplane = plane_of.index_select(0, (row_id.unsqueeze(-1) * (n_rec + 1) + nrec).view(-1)).view(n, h, s, kt)
+    base = (row_id.unsqueeze(-1) * n_planes + nplane) * (hp * wp) + cell.unsqueeze(-1)  # [N, H, S, kt]
+    spatial = ((torch.arange(kh, device=dev) - rh)[:, None] * wp + (torch.arange(kw, device=dev) - rw)).view(-1)
+    slot1 = plane.index_select(0, (base.unsqueeze(-1) + spatial).view(-1)).view(n, h, -1).long()  # 1 + slot, 0 = absent
+    total = F.pad(vals, (1, 0)).gather(2, slot1).view(n, h, s, -1).sum(-1)  # padded slot 0 holds 0
+    return total / (slot1 > 0).view(n, h, s, -1).sum(-1)
 
 
 @dataclass
@@ -148,7 +163,17 @@ class VaNPolicy(ScoringPolicy):
             for kern, start, rows in runs
         ])
 
+    def row_kernels(self, layers: Sequence[int], num_layers: int, batch: int) -> list[Kernel]:
+        """The pooling kernel of every layer-major row (N = len(layers) x batch); (1, 1, 1) = none."""
+        return [(1, 1, 1) if self.pool_kernels is None else kernel_for_layer(self.pool_kernels, layer, num_layers)
+                for layer in layers for _ in range(batch)]
+
     def score(self, keys, value_norms, layout, *, layers, num_layers, keep):
+        from . import triton_kernels  # imports this module: imported here, not at the top
+
+        if triton_kernels.use_triton(value_norms.device):  # fused kernel on CUDA; the torch code is the reference
+            kernels = self.row_kernels(layers, num_layers, value_norms.shape[0] // len(layers))
+            return triton_kernels.fused_scores(None, value_norms, layout, None, kernels, tar=False)[1]
         return self.van_scores(value_norms, layout, layers, num_layers)
 
 

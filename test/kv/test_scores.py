@@ -132,3 +132,80 @@ def test_van_policy_validates_kernels():
         InfiniPotVPolicy(tar_ratio=1.5)
     with pytest.raises(ValueError):
         TaRPolicy(recent_ratio=0.0)
+
+
+def _compressed_cache(seed, policy="infinipot_v", cameras=2):
+    """A real CappedKVCache after several compressions: 2 cameras, chunks of two grid sizes, partial chunks."""
+    from infinipot_ros.kv import CacheBudget, CappedKVCache, make_policy
+
+    gen = torch.Generator().manual_seed(seed)
+    cache = CappedKVCache(2, 2, 8, budget=CacheBudget(max_vision_tokens=60), policy=make_policy(policy))
+    with cache.prefix():
+        for layer in range(2):
+            cache.update(layer, torch.randn(1, 2, 3, 8, generator=gen), torch.randn(1, 2, 3, 8, generator=gen))
+    for i in range(14):
+        grid = (3, 4) if i % 3 else (2, 5)
+        with cache.vision_chunk(VisionChunk(*grid, camera=i % cameras)):
+            for layer in range(2):
+                n = grid[0] * grid[1]
+                cache.update(layer, torch.randn(1, 2, n, 8, generator=gen), torch.randn(1, 2, n, 8, generator=gen))
+    assert cache.compressions >= 3
+    return cache
+
+
+def _token_sources(cache, ids_row):
+    """(camera, t_local, row, col) of every token id of a row, by brute force over the table's records."""
+    recs = cache.table.records
+    order = {}
+    for r in recs:
+        order.setdefault(r.chunk.camera, []).append(r.chunk_id)
+    out = []
+    for tid in ids_row.tolist():
+        rec = max((r for r in recs if r.first_token_id <= tid), key=lambda r: r.first_token_id)
+        local = tid - rec.first_token_id
+        out.append((rec.chunk.camera, order[rec.chunk.camera].index(rec.chunk_id), local // rec.chunk.grid_w,
+                    local % rec.chunk.grid_w))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("kernel", [(3, 3, 3), (1, 3, 3), (1, 1, 3), (5, 3, 1)])
+def test_pooling_equals_brute_force_masked_mean_on_a_compressed_cache(seed, kernel):
+    cache = _compressed_cache(seed)
+    ids = cache._token_ids[:, 0, :, : cache.vision_length]  # [L, H, S]: L as the N axis
+    scores = torch.rand(ids.shape, generator=torch.Generator().manual_seed(seed))
+    pooled = pool_on_grid(scores, cache.table.layout(ids), kernel)
+    kt, kh, kw = kernel
+    for n in range(ids.shape[0]):
+        for h in range(ids.shape[1]):
+            src = _token_sources(cache, ids[n, h])
+            for i, (cam, t, r, c) in enumerate(src):
+                near = [j for j, (cam2, t2, r2, c2) in enumerate(src)
+                        if cam2 == cam and abs(t2 - t) <= kt // 2 and abs(r2 - r) <= kh // 2 and abs(c2 - c) <= kw // 2]
+                expected = scores[n, h, near].mean().item()
+                assert pooled[n, h, i].item() == pytest.approx(expected, abs=1e-6), (n, h, i)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tar_similarity_equals_brute_force_on_a_compressed_cache(seed):
+    cache = _compressed_cache(seed)
+    p, s = cache.prefix_length, cache.vision_length
+    keys = cache._keys[:, 0, :, p : p + s]  # [L, H, S, D] strided view, as the cache scores it
+    ids = cache._token_ids[:, 0, :, :s]
+    flags, _ = cache.table.recent_chunks(0.3)
+    assert 0 < int(flags.sum()) < len(cache.table)
+    recent_ids = {r.chunk_id for r, f in zip(cache.table.records, flags.tolist()) if f}
+    chunk_of = {}
+    for r in cache.table.records:
+        for t in range(r.chunk.num_tokens):
+            chunk_of[r.first_token_id + t] = r.chunk_id
+    sim = tar_similarity(keys, cache.table.layout(ids), flags)
+    for n in range(keys.shape[0]):
+        for h in range(keys.shape[1]):
+            src = _token_sources(cache, ids[n, h])
+            for i, (cam, _, r, c) in enumerate(src):
+                ref = [j for j, (cam2, _, r2, c2) in enumerate(src)
+                       if (cam2, r2, c2) == (cam, r, c) and chunk_of[int(ids[n, h, j])] in recent_ids]
+                cos = [torch.nn.functional.cosine_similarity(keys[n, h, i], keys[n, h, j], dim=0).item() for j in ref]
+                expected = sum(cos) / len(cos) if cos else 0.0
+                assert sim[n, h, i].item() == pytest.approx(expected, abs=1e-5), (n, h, i)
