@@ -9,6 +9,10 @@ def keep_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
 
     Ties (e.g. several protected tokens scored +inf) are broken by position:
     among equal scores the earlier token wins, so the result is deterministic.
+    O(S) per row and no sort: each score becomes a unique int64 key (an
+    order-preserving integer image of the float, then the position as the
+    tie-break), one ``kthvalue`` finds the k-th largest, and a running count
+    lays the kept positions out in order. No host synchronisation.
 
     Args:
         scores: [B, H_kv, S] float scores, higher = keep. NaN is treated as -inf.
@@ -27,13 +31,23 @@ def keep_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     seq = scores.shape[-1]
     if not 0 <= k <= seq:
         raise ValueError(f"cannot keep {k} of {seq} tokens")
-    if k == seq:
-        idx = torch.arange(seq, device=scores.device)
-        return idx.expand(scores.shape[0], scores.shape[1], seq).clone()
-    s = torch.nan_to_num(scores.float(), nan=float("-inf"))
-    # Stable ranking: sort descending with stable=True keeps earlier tokens first among ties.
-    order = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :k]
-    return torch.sort(order, dim=-1).values
+    if k == seq or k == 0:
+        idx = torch.arange(k, device=scores.device)
+        return idx.expand(scores.shape[0], scores.shape[1], k).clone()
+    # "+ 0.0" turns -0.0 into +0.0, which compare equal as floats; NaN ranks lowest.
+    s = torch.nan_to_num(scores.float(), nan=float("-inf")) + 0.0
+    # Order-preserving int32 image of the floats, then a unique int64 key: higher score first and,
+    # among equal scores, the earlier token (the stable-sort rule) -- no sort needed.
+    bits = s.view(torch.int32)
+    mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    position = torch.arange(seq, device=scores.device)
+    key = mono.long() * seq + (seq - 1 - position)
+    threshold = torch.kthvalue(key, seq - k + 1, dim=-1, keepdim=True).values  # the k-th largest key
+    kept = key >= threshold  # exactly k per row (keys are unique)
+    # Compact the kept positions in ascending order: slot = running count - 1 (others go to slot k).
+    slot = torch.where(kept, torch.cumsum(kept, -1) - 1, k)
+    out = torch.zeros(*s.shape[:-1], k + 1, dtype=torch.long, device=scores.device)
+    return out.scatter_(-1, slot, position.expand_as(slot))[..., :k]
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

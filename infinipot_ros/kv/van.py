@@ -59,12 +59,13 @@ def pool_on_grid(scores: torch.Tensor, layout: VisionLayout, kernel: Kernel) -> 
     token of the camera's chunk at t + dt with that (row, col) on its own grid.
 
     How: per row (layer x batch, KV head), a padded "position plane" [chunks
-    the row holds (at most S) + 1 empty, rows + 2 r_h, cols + 2 r_w] maps
-    (chunk, row, col) to 1 + the token's slot (0 = absent), so every neighbour
-    is one gather with no bounds checks (the padding and the empty plane
-    answer "absent"). Work and transient memory are O(rows x min(S, chunks)
-    x cells + S x window), whatever the number of chunks ever streamed. No
-    host synchronisation.
+    the row holds + 1 empty, rows + 2 r_h, cols + 2 r_w] maps (chunk, row,
+    col) to 1 + the token's slot (0 = absent), so every neighbour is one
+    gather with no bounds checks (the padding and the empty plane answer
+    "absent"). Work and transient memory are O(rows x chunks held x cells +
+    S x window), whatever the number of chunks ever streamed (on CPU the
+    planes are sized to the chunks the rows actually hold; elsewhere to the
+    bound min(S, chunks), known on the host). No device synchronisation.
 
     Args:
         scores: [N, H_kv, S] float scores (N = batch x layers).
@@ -77,43 +78,75 @@ def pool_on_grid(scores: torch.Tensor, layout: VisionLayout, kernel: Kernel) -> 
     Raises:
         ValueError: if a kernel size is even or < 1.
     """
-    kernel = check_kernel(kernel)
+    return pool_runs(scores, layout, [(check_kernel(kernel), 0, scores.shape[0])])
+
+
+def pool_runs(scores: torch.Tensor, layout: VisionLayout, runs: Sequence[tuple[Kernel, int, int]]) -> torch.Tensor:
+    """:func:`pool_on_grid` with a kernel per run of rows, sharing one position plane.
+
+    Args:
+        scores: [N, H_kv, S] float scores.
+        layout: source of each token (ids ascending per row).
+        runs: (kernel, first row, number of rows) covering the N axis in order
+            (layer-adaptive pooling: one run per layer group).
+
+    Returns:
+        [N, H_kv, S] float32 pooled scores.
+    """
     vals = scores.float()
-    if kernel == (1, 1, 1):
-        return vals
     n, h, s = scores.shape
-    if s == 0:
+    pooled = [(check_kernel(k), start, rows) for k, start, rows in runs]
+    if s == 0 or all(k == (1, 1, 1) for k, _, _ in pooled):
         return vals
-    kt, kh, kw = kernel
-    rh, rw = kh // 2, kw // 2
+    # Only the rows of pooled runs get a plane (rows [lo, hi) of N); runs are contiguous and ordered.
+    lo = min(start for k, start, _ in pooled if k != (1, 1, 1))
+    hi = max(start + rows for k, start, rows in pooled if k != (1, 1, 1))
+    rh = max(k[1] for k, _, _ in pooled) // 2
+    rw = max(k[2] for k, _, _ in pooled) // 2
     dev = scores.device
     lk = layout.lookup
     ci = layout.chunk  # [N, H, S], ascending along S
-    rows, n_rec = n * h, lk.n_records
-    n_planes = min(s, n_rec) + 1  # the chunks a row can hold, plus one empty plane for "no such chunk"
-    row_id = torch.arange(rows, device=dev).view(n, h, 1)
+    n_rec = lk.n_records
+    row_id = (torch.arange(n * h, device=dev) - lo * h).view(n, h, 1)  # plane row of (n, h); rows < lo unused
     # Compact chunk index within the row (ids ascending -> chunk index ascending), and the map chunk -> plane.
     compact = torch.cat([torch.zeros_like(ci[..., :1]), (ci[..., 1:] != ci[..., :-1]).long()], -1).cumsum(-1)
-    plane_of = torch.full((rows * (n_rec + 1),), n_planes - 1, dtype=torch.long, device=dev)
-    plane_of.index_copy_(0, (row_id * (n_rec + 1) + ci).view(-1), compact.view(-1))
+    if dev.type == "cpu":  # reading a CPU tensor is no device sync: size the planes to the rows' real chunk count
+        n_planes = int(compact[lo:hi, :, -1].max()) + 2
+    else:  # the bound, known on the host: the chunks a row can hold
+        n_planes = min(s, n_rec) + 1
+    # (+ 1: one empty plane, the last, answers "no such chunk")
+    plane_of = torch.full(((hi - lo) * h * (n_rec + 1),), n_planes - 1, dtype=torch.long, device=dev)
+    plane_of.index_copy_(0, (row_id[lo:hi] * (n_rec + 1) + ci[lo:hi]).view(-1), compact[lo:hi].reshape(-1))
     hp = max(g[0] for g in lk.grid_per_slot) + 2 * rh
     wp = max(g[1] for g in lk.grid_per_slot) + 2 * rw
     cell = (layout.row + rh) * wp + (layout.col + rw)  # [N, H, S] padded cell of each token
-    plane = torch.zeros(rows * n_planes * hp * wp, dtype=torch.int32, device=dev)
-    plane.index_copy_(0, ((row_id * n_planes + compact) * (hp * wp) + cell).view(-1),
-                      torch.arange(1, s + 1, dtype=torch.int32, device=dev).repeat(rows))
-    # The camera's chunk at t + dt (one lookup per time offset, shared by the kh x kw cells).
-    t_max = lk.by_slot_time.shape[1]
-    nt = lk.t_local[ci].unsqueeze(-1) + (torch.arange(kt, device=dev) - kt // 2)  # [N, H, S, kt]
-    nrec = lk.by_slot_time.reshape(-1).index_select(
-        0, ((lk.slot[ci] * t_max).unsqueeze(-1) + nt.clamp(0, t_max - 1)).view(-1)).view(n, h, s, kt)
-    nrec = torch.where((nt >= 0) & (nt < t_max) & (nrec >= 0), nrec, n_rec)  # n_rec -> the empty plane
-    nplane = plane_of.index_select(0, (row_id.unsqueeze(-1) * (n_rec + 1) + nrec).view(-1)).view(n, h, s, kt)
-    base = (row_id.unsqueeze(-1) * n_planes + nplane) * (hp * wp) + cell.unsqueeze(-1)  # [N, H, S, kt]
-    spatial = ((torch.arange(kh, device=dev) - rh)[:, None] * wp + (torch.arange(kw, device=dev) - rw)).view(-1)
-    slot1 = plane.index_select(0, (base.unsqueeze(-1) + spatial).view(-1)).view(n, h, -1).long()  # 1 + slot, 0 = absent
-    total = F.pad(vals, (1, 0)).gather(2, slot1).view(n, h, s, -1).sum(-1)  # padded slot 0 holds 0
-    return total / (slot1 > 0).view(n, h, s, -1).sum(-1)
+    slot_dtype = torch.int16 if s < 2**15 - 1 else torch.int32
+    plane = torch.zeros((hi - lo) * h * n_planes * hp * wp, dtype=slot_dtype, device=dev)
+    plane.index_copy_(0, ((row_id[lo:hi] * n_planes + compact[lo:hi]) * (hp * wp) + cell[lo:hi]).reshape(-1),
+                      torch.arange(1, s + 1, dtype=slot_dtype, device=dev).repeat((hi - lo) * h))
+    padded = F.pad(vals, (1, 0))  # slot 0 holds 0: what an absent neighbour adds
+    t_local, slot = lk.t_local[ci], lk.slot[ci] * lk.by_slot_time.shape[1]
+    out = []
+    for (kt, kh, kw), start, rows in pooled:
+        if (kt, kh, kw) == (1, 1, 1):
+            out.append(vals.narrow(0, start, rows))
+            continue
+        sl = slice(start, start + rows)
+        # The camera's chunk at t + dt (one lookup per time offset, shared by the kh x kw cells).
+        t_max = lk.by_slot_time.shape[1]
+        nt = t_local[sl].unsqueeze(-1) + (torch.arange(kt, device=dev) - kt // 2)  # [rows, H, S, kt]
+        nrec = lk.by_slot_time.reshape(-1).index_select(
+            0, (slot[sl].unsqueeze(-1) + nt.clamp(0, t_max - 1)).view(-1)).view(nt.shape)
+        nrec = torch.where((nt >= 0) & (nt < t_max) & (nrec >= 0), nrec, n_rec)  # n_rec -> the empty plane
+        rid = row_id[sl].unsqueeze(-1)
+        nplane = plane_of.index_select(0, (rid * (n_rec + 1) + nrec).view(-1)).view(nt.shape)
+        base = (rid * n_planes + nplane) * (hp * wp) + cell[sl].unsqueeze(-1)  # [rows, H, S, kt]
+        spatial = ((torch.arange(kh, device=dev) - kh // 2)[:, None] * wp
+                   + (torch.arange(kw, device=dev) - kw // 2)).view(-1)
+        slot1 = plane.index_select(0, (base.unsqueeze(-1) + spatial).view(-1)).view(rows, h, -1).long()  # 0 = absent
+        total = padded[sl].gather(2, slot1).view(rows, h, s, -1).sum(-1)
+        out.append(total / (slot1 > 0).view(rows, h, s, -1).sum(-1))
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 @dataclass
@@ -143,8 +176,9 @@ class VaNPolicy(ScoringPolicy):
         """[N, H_kv, S] value norms pooled with each layer's kernel (layers may use different kernels).
 
         Rows are layer-major (N = len(layers) x B); consecutive layers sharing a
-        kernel are pooled in one call, so the work is one call per kernel in
-        use, whatever the number of layers.
+        kernel form one run of rows, all runs share one position plane
+        (:func:`pool_runs`), so the work is one lookup per kernel in use,
+        whatever the number of layers.
         """
         if self.pool_kernels is None:
             return value_norms.float()
@@ -156,12 +190,7 @@ class VaNPolicy(ScoringPolicy):
                 runs[-1] = (kern, runs[-1][1], runs[-1][2] + b)
             else:
                 runs.append((kern, i * b, b))
-        if len(runs) == 1:
-            return pool_on_grid(value_norms, layout, runs[0][0])
-        return torch.cat([
-            pool_on_grid(value_norms.narrow(0, start, rows), layout.narrow(start, rows), kern)
-            for kern, start, rows in runs
-        ])
+        return pool_runs(value_norms, layout, runs)
 
     def row_kernels(self, layers: Sequence[int], num_layers: int, batch: int) -> list[Kernel]:
         """The pooling kernel of every layer-major row (N = len(layers) x batch); (1, 1, 1) = none."""

@@ -36,3 +36,16 @@ def test_gather_tokens_per_head():
     assert out[0, 0].tolist() == [[0, 1], [4, 5]]
     assert out[0, 1].tolist() == [[8, 9], [10, 11]]
     assert gather_tokens(x[..., 0], idx).tolist() == [[[0, 4], [8, 10]]]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_keep_topk_equals_stable_sort_rule_with_many_ties(seed):
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.randint(-3, 4, (3, 2, 300), generator=gen).float()  # heavy ties
+    s[0, 0, ::7] = float("inf")
+    s[1, 1, ::5] = float("nan")
+    s[2, 0, :40] = -0.0  # equal to +0.0 as floats: a tie, broken by position
+    for k in (1, 37, 150, 299):
+        ref = torch.sort(torch.sort(torch.nan_to_num(s, nan=float("-inf")), dim=-1, descending=True,
+                                    stable=True).indices[..., :k], dim=-1).values
+        assert torch.equal(keep_topk(s, k), ref), k

@@ -84,3 +84,35 @@ def test_kv_core_runs_on_cuda_like_cpu():
         caches[dev] = cache
     for layer in range(2):
         assert torch.equal(caches["cpu"].vision_token_ids(layer), caches["cuda"].vision_token_ids(layer).cpu())
+
+
+def test_cuda_graph_decode_answers_like_dynamic(cuda_adapter, vtest_frames):
+    """The decode step captured as a CUDA graph gives the dynamic path's greedy tokens, answer after answer."""
+    cache, _ = _stream_logits(cuda_adapter, vtest_frames[0], CacheBudget(max_vision_tokens=160), make_policy("infinipot_v"))
+    saved = cuda_adapter.decode_mode, cuda_adapter._static_step
+    try:
+        cuda_adapter.decode_mode, cuda_adapter._static_step = "dynamic", None
+        ref = cuda_adapter.generate(cache, "What is happening?", max_new_tokens=24).token_ids
+        cuda_adapter.decode_mode, cuda_adapter._static_step = "cuda_graph", None
+        first = cuda_adapter.generate(cache, "What is happening?", max_new_tokens=24).token_ids
+        assert cuda_adapter._static_step._graph is not None, "capture failed (fell back to eager)"
+        again = cuda_adapter.generate(cache, "What is happening?", max_new_tokens=24).token_ids
+        assert first == ref == again and len(ref) == 24
+        vis = cache.visibility(since_ns=4 * 500_000_000)
+        cuda_adapter.decode_mode, cuda_adapter._static_step = "dynamic", None
+        ref_vis = cuda_adapter.generate(cache, "What is happening?", max_new_tokens=12, visible=vis).token_ids
+        cuda_adapter.decode_mode, cuda_adapter._static_step = "cuda_graph", None
+        assert cuda_adapter.generate(cache, "What is happening?", max_new_tokens=12, visible=vis).token_ids == ref_vis
+    finally:
+        cuda_adapter.decode_mode, cuda_adapter._static_step = saved
+
+
+def test_cuda_compression_uses_the_triton_kernels_and_stays_capped(cuda_adapter, vtest_frames):
+    from infinipot_ros.kv import triton_kernels
+
+    assert triton_kernels.use_triton("cuda")
+    cache, _ = _stream_logits(cuda_adapter, vtest_frames[0], CacheBudget(max_vision_tokens=160), make_policy("infinipot_v"))
+    assert cache.compressions >= 2 and cache.vision_length <= 160
+    for layer in range(cache.num_layers):
+        ids = cache.vision_token_ids(layer)
+        assert bool((ids[..., 1:] > ids[..., :-1]).all())
