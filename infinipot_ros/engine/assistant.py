@@ -142,7 +142,8 @@ class StreamingAssistant:
 
     def _new_cache(self) -> CappedKVCache:
         cache = self.adapter.new_cache(
-            budget=self.config.make_budget(), policy=self.policy, reserve_tokens=self.reserve_tokens
+            budget=self.config.make_budget(), policy=self.policy, reserve_tokens=self.reserve_tokens,
+            layers_per_pass=self.config.layers_per_pass,
         )
         self.adapter.prefill_prefix(cache)
         return cache

@@ -36,6 +36,8 @@ class EngineConfig:
             largest chunk ``max_pixels`` allows and the longest question + answer
             (``max_question_tokens`` + ``max_new_tokens``), so the reserved KV bytes
             stay within budget + one chunk + one answer.
+        layers_per_pass: layers scored together per compression pass; 0 = all (fewest
+            operations); fewer bounds the transient memory of the torch path.
         max_new_tokens: answer length cap in tokens: the default of a request and
             the most it may ask for (the KV reserve is sized for it).
         max_question_tokens: longest question accepted, in tokens (longer: BAD_REQUEST).
@@ -59,6 +61,7 @@ class EngineConfig:
     recent_ratio: float = 0.125
     pool_kernels: Tuple[Tuple[int, int, int], ...] = field(default=DEFAULT_POOL_KERNELS)
     reserve_tokens: int = 0
+    layers_per_pass: int = 0
     max_new_tokens: int = 128
     max_question_tokens: int = 256
     temperature: float = 0.0
@@ -79,6 +82,8 @@ class EngineConfig:
             raise ValueError(f"max_question_tokens must be >= 1, got {self.max_question_tokens}")
         if self.decode_mode not in DECODE_MODES:
             raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {self.decode_mode!r}")
+        if self.layers_per_pass < 0:
+            raise ValueError(f"layers_per_pass must be >= 0, got {self.layers_per_pass}")
         if self.reserve_tokens < 0:
             raise ValueError(f"reserve_tokens must be >= 0, got {self.reserve_tokens}")
         self.pool_kernels = tuple(tuple(int(x) for x in k) for k in self.pool_kernels)  # type: ignore[assignment]

@@ -48,6 +48,9 @@ PARAMETERS: List[tuple] = [
     ("cache.reserve_tokens", 0, _INT,
      "KV slots beyond the cap for the chunk being prefilled or a question + answer; 0 = sized from the largest "
      "chunk (model.max_pixels) and ask.max_question_tokens + ask.max_new_tokens", (0, 1 << 20)),
+    ("cache.layers_per_pass", 0, _INT,
+     "layers scored together per compression pass; 0 = all (fewest operations); fewer = less transient memory "
+     "on the torch path", (0, 1024)),
     ("stream.image_topics", ["/camera/image_raw"], _STRS,
      "camera topics; names ending in /compressed subscribe sensor_msgs/CompressedImage, others sensor_msgs/Image",
      None),
@@ -122,6 +125,7 @@ def read_parameters(node: Node) -> tuple[EngineConfig, NodeSettings]:
         tar_ratio=float(get("cache.tar_ratio")),
         recent_ratio=float(get("cache.recent_ratio")),
         reserve_tokens=int(get("cache.reserve_tokens")),
+        layers_per_pass=int(get("cache.layers_per_pass")),
         max_new_tokens=int(get("ask.max_new_tokens")),
         max_question_tokens=int(get("ask.max_question_tokens")),
         decode_mode=get("model.decode_mode"),
