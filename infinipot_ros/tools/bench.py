@@ -225,7 +225,7 @@ class _Columns:
         return {k: a[: self.n].tolist() for k, a in self._cols.items()}
 
 
-def _count_top_level_aten(fn) -> int:
+def count_top_level_aten_ops(fn) -> int:
     """Run ``fn`` under torch.profiler (CPU) and count aten::* events with no aten::* ancestor."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -455,7 +455,7 @@ def _count_ops(eng, question: str) -> dict:
 
     counts = {}
     for n in OPS_TOKENS:
-        counts[n] = _count_top_level_aten(lambda n=n: answer(n))
+        counts[n] = count_top_level_aten_ops(lambda n=n: answer(n))
     lo, hi = OPS_TOKENS
     out["ops_answer_tokens"] = [got[lo], got[hi]]
     out["ops_answer_ops"] = [counts[lo], counts[hi]]
@@ -468,7 +468,7 @@ def _count_ops(eng, question: str) -> dict:
         drop = min(OPS_DROP_TOKENS, vision // 2)
         if drop > 0:
             events = []
-            n_ops = _count_top_level_aten(lambda: events.append(eng.cache.compress(vision - drop)))
+            n_ops = count_top_level_aten_ops(lambda: events.append(eng.cache.compress(vision - drop)))
             if events and events[0] is not None:
                 out["ops_per_compression"] = n_ops
                 out["ops_compression_tokens"] = [vision, vision - drop]

@@ -243,25 +243,11 @@ def test_batched_layer_passes_equal_one_layer_at_a_time(name):
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
-def _top_level_aten_ops(fn) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    count = 0
-    for ev in prof.events():
-        if not ev.name.startswith("aten::"):
-            continue
-        parent = ev.cpu_parent
-        while parent is not None and not parent.name.startswith("aten::"):
-            parent = parent.cpu_parent
-        count += parent is None
-    return count
-
-
 @pytest.mark.parametrize("name", ["infinipot_v", "tar", "van_pool"])
 def test_compression_op_count_does_not_grow_with_layers(name):
     """All layers in one pass: a 16-layer cache compresses with the same operations as a 4-layer one."""
+    from infinipot_ros.tools.bench import count_top_level_aten_ops  # the bench's counter, the same figure
+
     counts = {}
     for layers in (4, 16):
         gen = torch.Generator().manual_seed(0)
@@ -271,6 +257,6 @@ def test_compression_op_count_does_not_grow_with_layers(name):
         for i in range(3):  # 36 tokens: under M, no compression yet
             with cache.vision_chunk(VisionChunk(3, 4, camera=i % 2)):
                 _write(cache, 12, gen, layers=layers)
-        counts[layers] = _top_level_aten_ops(lambda: cache.compress(20))
+        counts[layers] = count_top_level_aten_ops(lambda: cache.compress(20))
         assert cache.vision_length == 20
     assert counts[4] == counts[16], counts
