@@ -1,14 +1,15 @@
 """Streaming engine: frames in, answers out, KV cache capped. No ROS."""
 from .assistant import (
-    ASK_ERROR_CODES, AskError, AskResult, FrameError, IngestResult, StreamingAssistant, validate_frame,
+    ASK_ERROR_CODES, AskError, AskErrorCode, AskResult, FrameError, IngestResult, IngestStatus, StreamingAssistant,
+    validate_frame,
 )
-from .config import EngineConfig
-from .sampler import FrameSampler
-from .stats import EngineStats, FrameCounters, RateMeter, device_memory, process_rss_bytes
-from .worker import StreamWorker
+from .config import LIVE_FIELDS, EngineConfig
+from .gate import FrameGate, GateDecision
+from .stats import CameraStats, EngineState, EngineStats, FrameCounters
+from .worker import AskJob, StreamWorker
 
 __all__ = [
-    "ASK_ERROR_CODES", "AskError", "AskResult", "EngineConfig", "EngineStats", "FrameCounters", "FrameError",
-    "FrameSampler", "IngestResult", "RateMeter", "StreamWorker", "StreamingAssistant", "device_memory",
-    "process_rss_bytes", "validate_frame",
+    "ASK_ERROR_CODES", "AskError", "AskErrorCode", "AskJob", "AskResult", "CameraStats", "EngineConfig",
+    "EngineState", "EngineStats", "FrameCounters", "FrameError", "FrameGate", "GateDecision", "IngestResult",
+    "IngestStatus", "LIVE_FIELDS", "StreamWorker", "StreamingAssistant", "validate_frame",
 ]

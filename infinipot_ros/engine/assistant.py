@@ -9,6 +9,8 @@ and ``ask`` may be called from different threads.
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
 import logging
 import threading
 import time
@@ -20,13 +22,25 @@ import torch
 
 from ..kv import CappedKVCache, CompressionEvent, VisionChunk
 from ..models import ModelAdapter, load_adapter
-from .config import EngineConfig
-from .stats import EngineStats, FrameCounters, RateMeter, device_memory, process_rss_bytes
+from .config import LIVE_FIELDS, EngineConfig
+from .gate import FrameGate, GateDecision
+from .stats import CameraStats, EngineState, EngineStats, FrameCounters, RateMeter, device_memory, process_rss_bytes
 
 log = logging.getLogger(__name__)
 
-#: Error codes of :class:`AskError` (and of the Ask service's ``error`` field).
-ASK_ERROR_CODES = ("TIMEOUT", "BUSY", "NO_FRAMES", "BAD_REQUEST", "MODEL_ERROR")
+class AskErrorCode(str, enum.Enum):
+    """Why a question got no answer: the CODE of the Ask service's / action's ``error`` ("CODE: detail")."""
+
+    TIMEOUT = "TIMEOUT"  # no answer within the timeout (queueing included)
+    BUSY = "BUSY"  # too many questions waiting, or shutting down
+    NO_FRAMES = "NO_FRAMES"  # nothing cached matches the cameras / time window
+    BAD_REQUEST = "BAD_REQUEST"  # empty or too long question, bad window, unknown camera, max_new_tokens too big
+    MODEL_ERROR = "MODEL_ERROR"  # model not loaded (loading, failed, cleaned up) or failed while answering
+    CANCELED = "CANCELED"  # the action goal was cancelled by its client
+
+
+#: Error codes of :class:`AskError`, as strings.
+ASK_ERROR_CODES = tuple(c.value for c in AskErrorCode)
 MAX_QUESTION_CHARS = 4000  # cheap bound checked before tokenizing; the real limit is in tokens
 MIN_FRAME_SIDE = 28
 
@@ -34,10 +48,12 @@ MIN_FRAME_SIDE = 28
 class AskError(Exception):
     """A question that could not be answered; ``code`` is one of :data:`ASK_ERROR_CODES`."""
 
-    def __init__(self, code: str, message: str) -> None:
-        if code not in ASK_ERROR_CODES:
-            raise ValueError(f"unknown ask error code {code!r}")
-        super().__init__(f"{code}: {message}")
+    def __init__(self, code: "AskErrorCode | str", message: str) -> None:
+        try:
+            code = AskErrorCode(code)
+        except ValueError:
+            raise ValueError(f"unknown ask error code {code!r}") from None
+        super().__init__(f"{code.value}: {message}")
         self.code = code
         self.message = message
 
@@ -46,17 +62,22 @@ class FrameError(ValueError):
     """A frame the engine cannot use (wrong shape, dtype, size); it is dropped and counted."""
 
 
+class IngestStatus(str, enum.Enum):
+    """What :meth:`StreamingAssistant.ingest` did with a frame."""
+
+    BUFFERED = "buffered"  # first frame of a temporal patch, waiting for its pair
+    INGESTED = "ingested"  # its patch was prefilled into the KV cache
+    REJECTED = "rejected"  # malformed, or failed to encode/prefill (see error); cache unchanged
+    DROPPED = "dropped"  # taken before the stream restarted (older timeline); cache unchanged
+
+
 @dataclass(frozen=True)
 class IngestResult:
-    """What happened to one frame.
-
-    status: "buffered" (first frame of a temporal patch, waiting for its
-    pair), "ingested" (its patch was prefilled), or "rejected" (see error).
-    """
+    """What happened to one frame (see :class:`IngestStatus`)."""
 
     camera: str
     stamp_ns: int
-    status: str
+    status: IngestStatus
     ms: float = 0.0  # wall time spent on this frame (encode + prefill + compression), ms
     encode_ms: float = 0.0  # vision encoding of the patch (ms)
     prefill_ms: float = 0.0  # language-model prefill of its tokens, compression excluded (ms)
@@ -118,13 +139,20 @@ class StreamingAssistant:
             config.model, device=config.device, dtype=config.dtype, **config.adapter_kwargs()
         )
         self.policy = config.make_policy()
-        self.counters = FrameCounters()
         self._lock = threading.RLock()
         self._ingest_rate = RateMeter()
         self._last_chunk_ms = 0.0
         self._cameras: dict[str, int] = {}
+        self._camera_counters: dict[str, FrameCounters] = {}
+        self._camera_newest: dict[str, int] = {}
+        self._camera_handled: dict[str, float] = {}  # monotonic time of the last frame handled (buffered/ingested)
         self._pending: dict[str, tuple[np.ndarray, int]] = {}
         self._origin_ns: Optional[int] = None
+        self.gate = FrameGate(config.frame_rate_hz, config.time_jump_s, config.time_jump_frames)
+        self.epoch = 0  # bumped by every reset: frames admitted before it are dropped
+        self.time_jumps = 0
+        self.memory_source = "empty"
+        self.last_saved_unix_s = 0.0
         self.cache: CappedKVCache = self._new_cache()
 
     @property
@@ -153,16 +181,121 @@ class StreamingAssistant:
         return self.policy.name if self.policy is not None else "none"
 
     def reset(self) -> None:
-        """Forget the stream: empty cache (prefix re-written), pending frames and stream clock."""
+        """Forget the stream: empty cache (prefix re-written), pending frames, stream clock and gate.
+
+        Frames admitted before the reset (``epoch`` older) are dropped if they still arrive.
+        """
         with self._lock:
             self.cache = self._new_cache()
             self._pending.clear()
             self._origin_ns = None
+            self.gate.reset()
+            self.epoch += 1
+            self.memory_source = "empty"
 
-    def count_frames(self, **deltas: int) -> None:
-        """Add to the frame counters (received, sampled, dropped, ...) under the engine lock."""
+    def restart_stream(self, reason: str) -> None:
+        """A restart of the stream's timeline (sustained stamp jump back, /clock back): reset and count it."""
         with self._lock:
-            self.counters.add(**deltas)
+            log.warning("restarting the stream (memory forgotten): %s", reason)
+            self.reset()
+            self.time_jumps += 1
+
+    @property
+    def counters(self) -> FrameCounters:
+        """Frame counters summed over the cameras (a copy)."""
+        with self._lock:
+            total = FrameCounters()
+            for c in self._camera_counters.values():
+                total += c
+            return total
+
+    def count_frames(self, camera: str, **deltas: int) -> None:
+        """Add to ``camera``'s frame counters (received, sampled, dropped, rejected, ...) under the engine lock."""
+        with self._lock:
+            self._camera(camera).add(**deltas)
+
+    def _camera(self, camera: str) -> FrameCounters:
+        c = self._camera_counters.get(camera)
+        if c is None:
+            c = self._camera_counters[camera] = FrameCounters()
+        return c
+
+    def admit(self, camera: str, stamp_ns: int) -> GateDecision:
+        """Count a received frame of ``camera`` and pass its header stamp (ns) through the frame gate.
+
+        ACCEPT and RESTART mean: convert the frame and :meth:`ingest` it (with
+        ``epoch=self.epoch``); on RESTART the stream was already restarted
+        (memory forgotten, ``time_jumps`` counted). JUMP_DROPPED is counted
+        as ``stamp_dropped``; SKIP and STALE are not sampled.
+        """
+        with self._lock:
+            counters = self._camera(camera)
+            counters.received += 1
+            self._camera_newest[camera] = max(stamp_ns, self._camera_newest.get(camera, 0))
+            decision = self.gate.offer(camera, stamp_ns)
+            if decision is GateDecision.RESTART:
+                last = self.cache.table.stamp_range()[1]
+                self.restart_stream(f"{camera}: {self.config.time_jump_frames} consecutive header stamps "
+                                    f"jumped back more than {self.config.time_jump_s:g} s (newest cached "
+                                    f"{last / 1e9:.3f} s, now {stamp_ns / 1e9:.3f} s)")
+                self.gate.offer(camera, stamp_ns)  # the gate was reset with the engine: this frame starts it
+                newest = self._camera_newest
+                newest.clear()
+                newest[camera] = stamp_ns
+            if decision is GateDecision.JUMP_DROPPED:
+                counters.stamp_dropped += 1
+            elif decision in (GateDecision.ACCEPT, GateDecision.RESTART):
+                counters.sampled += 1
+            return decision
+
+    # ----------------------------------------------------------------- memory
+    def save_memory(self, path: str):
+        """Write the memory (KV cache, chunk table, stream clock) to ``path``; see :mod:`.snapshot`.
+
+        Returns:
+            SnapshotInfo (absolute path, frames, vision tokens, save time).
+        Raises:
+            OSError: the file cannot be written (nothing is replaced then).
+        """
+        from .snapshot import save_snapshot
+
+        info = save_snapshot(self, path)
+        self.last_saved_unix_s = info.saved_unix_s
+        return info
+
+    def load_memory(self, path: str):
+        """Replace the memory by the snapshot at ``path``; see :mod:`.snapshot`.
+
+        Raises:
+            SnapshotError: missing, truncated or corrupt file, another format version,
+                model, dtype or configuration; the memory is then left as it was.
+        """
+        from .snapshot import load_snapshot
+
+        info = load_snapshot(self, path)
+        self.memory_source = f"snapshot {info.path} ({info.frames} frames)"
+        return info
+
+    def update_settings(self, **changes) -> None:
+        """Change live settings (:data:`~.config.LIVE_FIELDS`) while running.
+
+        Raises:
+            ValueError: a field that is not live, a value the config refuses, or a
+                question + answer length the KV reserve (allocated at start) cannot hold.
+        """
+        fixed = sorted(set(changes) - set(LIVE_FIELDS))
+        if fixed:
+            raise ValueError(f"{fixed} cannot change while running (live: {list(LIVE_FIELDS)})")
+        with self._lock:
+            new = dataclasses.replace(self.config, **changes)
+            scratch = len(self.adapter.question_ids("")) + new.max_question_tokens + new.max_new_tokens
+            if scratch > max(self.cache.reserve_tokens, self._max_scratch_tokens):
+                raise ValueError(
+                    f"max_question_tokens + max_new_tokens (+ template) = {scratch} tokens do not fit the KV reserve of "
+                    f"{self.cache.reserve_tokens} tokens sized at start; restart (reconfigure) to raise them")
+            self.config = new
+            if "frame_rate_hz" in changes:
+                self.gate.set_rate(new.frame_rate_hz)
 
     # ----------------------------------------------------------------- ingest
     def camera_index(self, camera: str) -> int:
@@ -175,33 +308,45 @@ class StreamingAssistant:
     def cameras(self) -> list[str]:
         return list(self._cameras)
 
-    def ingest(self, camera: str, frame: np.ndarray, stamp_ns: int) -> IngestResult:
+    def ingest(self, camera: str, frame: np.ndarray, stamp_ns: int, epoch: Optional[int] = None) -> IngestResult:
         """Take one sampled frame of ``camera`` stamped ``stamp_ns`` (header stamp, ns).
 
         Frames are paired per camera into temporal patches; the second frame
         of a pair triggers vision encoding and prefill (and a compression when
         the cache reaches M). A bad frame, or a model error, leaves the cache
-        exactly as it was and is counted as rejected.
+        exactly as it was and is counted as rejected. ``epoch``: the
+        :attr:`epoch` the frame was admitted in; a frame from before a reset is
+        dropped (counted).
         """
         with self._lock:
             t0 = time.perf_counter()
+            counters = self._camera(camera)
+            if epoch is not None and epoch != self.epoch:
+                counters.dropped += 1
+                return IngestResult(camera, stamp_ns, IngestStatus.DROPPED, error="admitted before the stream restarted")
             try:
                 frame = validate_frame(frame)
             except FrameError as exc:
-                self.counters.rejected += 1
-                return IngestResult(camera, stamp_ns, "rejected", error=str(exc))
+                counters.rejected += 1
+                return IngestResult(camera, stamp_ns, IngestStatus.REJECTED, error=str(exc))
+            self._camera_handled[camera] = time.monotonic()
             pending = self._pending.pop(camera, None)
             if pending is not None and pending[0].shape != frame.shape:
                 log.warning("camera %s changed resolution %s -> %s; dropping the unpaired frame",
                             camera, pending[0].shape, frame.shape)
-                self.counters.rejected += 1
+                counters.rejected += 1
                 pending = None
             frames_per_patch = self.adapter.frames_per_patch
             group = ([pending] if pending is not None else []) + [(frame, stamp_ns)]
             if frames_per_patch > 1 and len(group) < frames_per_patch:
                 self._pending[camera] = (frame, stamp_ns)
-                return IngestResult(camera, stamp_ns, "buffered", ms=(time.perf_counter() - t0) * 1e3)
+                return IngestResult(camera, stamp_ns, IngestStatus.BUFFERED, ms=(time.perf_counter() - t0) * 1e3)
             return self._ingest_patch(camera, group, t0)
+
+    def seconds_since_handled(self, camera: str, now: Optional[float] = None) -> float:
+        """Wall time (s) since ``camera``'s last frame was buffered or ingested; inf if never."""
+        last = self._camera_handled.get(camera)
+        return float("inf") if last is None else (time.monotonic() if now is None else now) - last
 
     def _ingest_patch(self, camera: str, group: Sequence[tuple[np.ndarray, int]], t0: float) -> IngestResult:
         first_stamp, last_stamp = group[0][1], group[-1][1]
@@ -221,22 +366,22 @@ class StreamingAssistant:
             )
             self.adapter.prefill_patch(self.cache, patch, chunk, seconds=seconds)
         except Exception as exc:  # model/processor failure: cache rolled back by its transaction
-            self.counters.rejected += len(group)
+            self._camera(camera).rejected += len(group)
             log.error("ingest of %s @ %d failed: %s", camera, first_stamp, exc)
-            return IngestResult(camera, last_stamp, "rejected", ms=(time.perf_counter() - t0) * 1e3,
+            return IngestResult(camera, last_stamp, IngestStatus.REJECTED, ms=(time.perf_counter() - t0) * 1e3,
                                 error=f"{type(exc).__name__}: {exc}")
         if cuda:
             torch.cuda.synchronize(self.adapter.device)
         t_end = time.perf_counter()
         ms = (t_end - t0) * 1e3
-        self.counters.ingested += len(group)
+        self._camera(camera).ingested += len(group)
         for _ in group:
             self._ingest_rate.tick()
         self._last_chunk_ms = ms
         event = self.cache.last_compression if self.cache.compressions > compressions_before else None
         comp_ms = event.ms if event is not None else 0.0
         return IngestResult(
-            camera, last_stamp, "ingested", ms=ms, encode_ms=(t_enc - t0) * 1e3,
+            camera, last_stamp, IngestStatus.INGESTED, ms=ms, encode_ms=(t_enc - t0) * 1e3,
             prefill_ms=max(0.0, (t_end - t_enc) * 1e3 - comp_ms), compression_ms=comp_ms,
             chunk_tokens=chunk.num_tokens, compression=event,
         )
@@ -250,7 +395,7 @@ class StreamingAssistant:
         since_ns: int = 0,
         until_ns: int = 0,
         max_new_tokens: int = 0,
-        on_text: Optional[Callable[[str], Optional[bool]]] = None,
+        on_token: Optional[Callable[[str, int], Optional[bool]]] = None,
     ) -> AskResult:
         """Answer ``question`` from the cache as it is now.
 
@@ -259,7 +404,10 @@ class StreamingAssistant:
             since_ns, until_ns: only frames stamped inside [since, until]
                 (header stamps, ns) are visible; 0 = open end.
             max_new_tokens: answer cap; 0 = the config's ``max_new_tokens``, which is also the largest allowed.
-            on_text: called with each new piece of answer text; False stops.
+            on_token: called after every decoded token with (new text piece, possibly
+                "" inside a UTF-8 character; tokens so far); returning False stops the
+                answer there (``stopped_by == "cancelled"``). The cache is left exactly
+                as before the question either way.
 
         Raises:
             AskError: BAD_REQUEST, NO_FRAMES or MODEL_ERROR.
@@ -296,7 +444,7 @@ class StreamingAssistant:
                 answer = self.adapter.generate(
                     self.cache, question.strip(),
                     max_new_tokens=max_new_tokens or self.config.max_new_tokens,
-                    visible=visible, on_text=on_text, temperature=self.config.temperature,
+                    visible=visible, on_token=on_token, temperature=self.config.temperature,
                 )
             except Exception as exc:
                 log.exception("answering failed")
@@ -316,7 +464,32 @@ class StreamingAssistant:
             )
 
     # ------------------------------------------------------------------ stats
-    def stats(self, state: str = "ready", error: str = "") -> EngineStats:
+    def camera_stats(self, cameras: Sequence[str] = ()) -> list[CameraStats]:
+        """Per-camera counters, newest stamp and cache share: ``cameras`` first (in that order), then any other."""
+        with self._lock:
+            table = self.cache.table
+            cam_col, row0 = table.column("camera"), table.column("row0_tokens")
+            frames_col = table.column("num_frames")
+            now = time.monotonic()
+            names = list(dict.fromkeys([*cameras, *self._camera_counters]))
+            out = []
+            for name in names:
+                idx = self._cameras.get(name)
+                mine = cam_col == idx if idx is not None else torch.zeros_like(cam_col, dtype=torch.bool)
+                since = self.seconds_since_handled(name, now)
+                out.append(CameraStats(
+                    camera=name,
+                    frames=dataclasses.replace(self._camera_counters.get(name) or FrameCounters()),
+                    newest_stamp_ns=self._camera_newest.get(name, 0),
+                    tokens_in_cache=int(row0[mine].sum()),
+                    frames_in_cache=int(frames_col[mine].sum()),
+                    seconds_since_ingest=since if since != float("inf") else -1.0,
+                ))
+            return out
+
+    def stats(self, state: EngineState = EngineState.READY, error: str = "",
+              cameras: Sequence[str] = ()) -> EngineStats:
+        """One snapshot for status and diagnostics; ``cameras``: the subscribed ones, listed first."""
         with self._lock:
             used, total = device_memory(self.adapter.device)
             return EngineStats(
@@ -325,7 +498,11 @@ class StreamingAssistant:
                 device=str(self.adapter.device),
                 policy=self.policy_name,
                 cache=self.cache.stats(),
-                frames=FrameCounters(**vars(self.counters)),
+                frames=self.counters,
+                cameras=self.camera_stats(cameras),
+                time_jumps=self.time_jumps,
+                memory_source=self.memory_source,
+                last_saved_unix_s=self.last_saved_unix_s,
                 ingest_fps=self._ingest_rate.rate(),
                 last_chunk_ms=self._last_chunk_ms,
                 rss_bytes=process_rss_bytes(),

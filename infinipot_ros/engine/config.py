@@ -10,6 +10,13 @@ from ..models import DECODE_MODES, DEFAULT_MODEL
 #: Upper bound of ``max_new_tokens`` (any configuration).
 MAX_NEW_TOKENS_LIMIT = 4096
 
+#: Settings that may change while the engine runs (:meth:`StreamingAssistant.update_settings`;
+#: ROS: ``ros2 param set``). Every other field is fixed once the model and cache are built.
+LIVE_FIELDS = (
+    "frame_rate_hz", "max_new_tokens", "max_question_tokens", "temperature",
+    "ask_timeout_s", "max_pending_asks", "max_ingest_gap_s",
+)
+
 
 @dataclass
 class EngineConfig:
@@ -44,6 +51,19 @@ class EngineConfig:
         decode_mode: answer decoding (models.static_decode.DECODE_MODES): "auto" = a
             static-shape step, a CUDA graph on CUDA; "eager", "compile", "dynamic".
         temperature: 0 = greedy decoding (repeatable), > 0 samples.
+        time_jump_s: a header stamp this many seconds older than its camera's last
+            accepted one is a jump back (see :mod:`.gate`); 0 = no jump rule.
+        time_jump_frames: consecutive jumped frames of one camera that restart the
+            stream (forgetting the memory); fewer are dropped and counted.
+        ask_timeout_s: default time a question waits for its answer, queueing included (s).
+        max_pending_asks: questions allowed to wait; more are refused with BUSY.
+        max_ingest_gap_s: under continuous questions, a camera with a frame waiting
+            gets a frame pair ingested at least this often (wall time, s): questions
+            cannot starve the scene memory.
+        snapshot_path: memory snapshot file loaded at start (configure) if it exists and
+            written by ``save_memory`` ("" = none).
+        autosave_s: > 0 saves the memory to ``snapshot_path`` every this many seconds
+            (atomically); 0 = only on request.
     """
 
     model: str = DEFAULT_MODEL
@@ -66,6 +86,13 @@ class EngineConfig:
     max_question_tokens: int = 256
     temperature: float = 0.0
     decode_mode: str = "auto"
+    time_jump_s: float = 5.0
+    time_jump_frames: int = 3
+    ask_timeout_s: float = 30.0
+    max_pending_asks: int = 4
+    max_ingest_gap_s: float = 2.0
+    snapshot_path: str = ""
+    autosave_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.policy != "none" and self.policy not in POLICIES:
@@ -84,6 +111,22 @@ class EngineConfig:
             raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {self.decode_mode!r}")
         if self.layers_per_pass < 0:
             raise ValueError(f"layers_per_pass must be >= 0, got {self.layers_per_pass}")
+        if self.time_jump_s < 0:
+            raise ValueError(f"time_jump_s must be >= 0, got {self.time_jump_s}")
+        if self.time_jump_frames < 1:
+            raise ValueError(f"time_jump_frames must be >= 1, got {self.time_jump_frames}")
+        if self.ask_timeout_s <= 0:
+            raise ValueError(f"ask_timeout_s must be > 0, got {self.ask_timeout_s}")
+        if self.max_pending_asks < 1:
+            raise ValueError(f"max_pending_asks must be >= 1, got {self.max_pending_asks}")
+        if self.max_ingest_gap_s <= 0:
+            raise ValueError(f"max_ingest_gap_s must be > 0, got {self.max_ingest_gap_s}")
+        if self.autosave_s < 0:
+            raise ValueError(f"autosave_s must be >= 0, got {self.autosave_s}")
+        if self.autosave_s > 0 and not self.snapshot_path:
+            raise ValueError("autosave_s > 0 needs a snapshot_path")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.reserve_tokens < 0:
             raise ValueError(f"reserve_tokens must be >= 0, got {self.reserve_tokens}")
         self.pool_kernels = tuple(tuple(int(x) for x in k) for k in self.pool_kernels)  # type: ignore[assignment]

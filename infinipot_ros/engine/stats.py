@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import collections
+import enum
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Deque, Optional
+from typing import Deque, List, Optional
 
 import psutil
 import torch
@@ -56,25 +57,52 @@ class RateMeter:
 
 @dataclass
 class FrameCounters:
-    """Frame counts since start (all cameras)."""
+    """Frame counts since start (one camera, or all cameras summed)."""
 
     received: int = 0  # messages/frames offered to the engine or node
-    sampled: int = 0  # accepted by the frame_rate_hz sampler
+    sampled: int = 0  # accepted by the frame gate (frame_rate_hz sampler)
     ingested: int = 0  # prefilled into the KV cache (as part of a temporal patch)
     dropped: int = 0  # sampled, then replaced by a newer frame before the worker took it
     rejected: int = 0  # malformed/unsupported, or failed to encode/prefill
+    stamp_dropped: int = 0  # header stamp jumped back (one glitch): dropped, memory kept
 
     def add(self, **deltas: int) -> None:
         """Add to counters by name, e.g. ``add(received=1, sampled=1)``."""
         for name, delta in deltas.items():
             setattr(self, name, getattr(self, name) + delta)
 
+    def __iadd__(self, other: "FrameCounters") -> "FrameCounters":
+        self.add(**vars(other))
+        return self
+
+
+class EngineState(str, enum.Enum):
+    """State of the assistant as the status topic reports it (CacheStatus.STATE_*)."""
+
+    UNCONFIGURED = "unconfigured"  # lifecycle: no model loaded
+    LOADING = "loading"  # model (and memory snapshot) loading
+    INACTIVE = "inactive"  # lifecycle: loaded, not ingesting; questions still answered
+    READY = "ready"  # ingesting and answering
+    ERROR = "error"  # model failed to load (see error)
+
+
+@dataclass
+class CameraStats:
+    """One camera's part of :class:`EngineStats`."""
+
+    camera: str
+    frames: FrameCounters
+    newest_stamp_ns: int = 0  # newest header stamp received (ns; 0 = none)
+    tokens_in_cache: int = 0  # vision tokens held by layer 0 / KV head 0
+    frames_in_cache: int = 0  # frames with vision tokens left in the cache
+    seconds_since_ingest: float = -1.0  # wall time since the camera's last frame was handled (-1 = never)
+
 
 @dataclass
 class EngineStats:
     """One snapshot of the engine for the status topic, diagnostics and the CLI."""
 
-    state: str  # "loading", "ready", "error"
+    state: EngineState
     model_id: str
     device: str
     policy: str
@@ -86,3 +114,7 @@ class EngineStats:
     device_memory_used: int = 0
     device_memory_total: int = 0
     error: str = ""
+    cameras: List[CameraStats] = field(default_factory=list)
+    time_jumps: int = 0  # stream restarts (sustained stamp jump back, /clock jumping back)
+    memory_source: str = "empty"  # "empty", "snapshot PATH (N frames)", "snapshot refused: ..."
+    last_saved_unix_s: float = 0.0  # wall time of the last successful memory save (0 = never)

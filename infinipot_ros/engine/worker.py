@@ -3,7 +3,12 @@
 Producers never wait on the model: ``submit_frame`` stores the newest frame
 per camera and returns (a frame still waiting when a newer one arrives is
 dropped and counted: latest wins). Questions go to a small queue and are
-served before frames; ``ask`` waits for its answer with a timeout.
+served before frames, except that a camera whose last frame was handled
+more than half of ``max_ingest_gap_s`` ago goes first, so each camera still
+gets a frame pair ingested about every ``max_ingest_gap_s`` under continuous
+questions; among cameras, the one served longest ago goes first (one camera
+cannot starve another). ``ask`` waits for its answer with a timeout;
+``submit_ask`` returns a future and a handle that cancels it.
 """
 from __future__ import annotations
 
@@ -11,20 +16,32 @@ import concurrent.futures
 import logging
 import threading
 from dataclasses import dataclass, field
+import time
 from typing import Callable, Optional
 
 import numpy as np
 
-from .assistant import AskError, AskResult, IngestResult, StreamingAssistant
+from .assistant import AskError, AskErrorCode, AskResult, IngestResult, IngestStatus, StreamingAssistant
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class _AskJob:
+class AskJob:
+    """A queued question: ``future`` gets an :class:`AskResult` or an :class:`AskError`; ``cancel()`` stops it.
+
+    A cancelled job still waiting is never run; one being answered stops
+    before its next token and ends with AskError CANCELED (``partial``: the
+    text decoded until then). The KV cache is left as before the question.
+    """
+
     kwargs: dict
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-    cancel: threading.Event = field(default_factory=threading.Event)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    partial: list = field(default_factory=list)  # text pieces decoded so far
+
+    def cancel(self) -> None:
+        self.cancelled.set()
 
 
 class StreamWorker:
@@ -33,7 +50,9 @@ class StreamWorker:
     Args:
         assistant: the engine.
         on_ingest: called on the worker thread after every frame it handled.
-        max_pending_asks: questions allowed to wait; more are refused with BUSY.
+
+    Questions allowed to wait (more: BUSY) and the ingest gap are the engine's
+    live settings ``max_pending_asks`` and ``max_ingest_gap_s``.
     """
 
     def __init__(
@@ -41,14 +60,13 @@ class StreamWorker:
         assistant: StreamingAssistant,
         *,
         on_ingest: Optional[Callable[[IngestResult], None]] = None,
-        max_pending_asks: int = 4,
     ) -> None:
         self.assistant = assistant
         self.on_ingest = on_ingest
-        self.max_pending_asks = max_pending_asks
         self._cond = threading.Condition()
-        self._frames: dict[str, tuple[np.ndarray, int]] = {}
-        self._asks: list[_AskJob] = []
+        self._frames: dict[str, tuple[np.ndarray, int, int]] = {}  # camera -> (frame, stamp_ns, epoch)
+        self._asks: list[AskJob] = []
+        self._served: dict[str, float] = {}  # camera -> monotonic time its last frame was taken
         self._stop = False
         self._busy = False
         self._thread = threading.Thread(target=self._run, name="infinipot-worker", daemon=True)
@@ -62,7 +80,7 @@ class StreamWorker:
         with self._cond:
             self._stop = True
             for job in self._asks:
-                job.future.set_exception(AskError("BUSY", "assistant is shutting down"))
+                job.future.set_exception(AskError(AskErrorCode.BUSY, "assistant is shutting down"))
             self._asks.clear()
             self._cond.notify_all()
         if self._thread.is_alive():
@@ -79,22 +97,26 @@ class StreamWorker:
             return self._cond.wait_for(lambda: not self._busy and not self._frames and not self._asks, timeout)
 
     # --------------------------------------------------------------- producers
-    def submit_frame(self, camera: str, frame: np.ndarray, stamp_ns: int) -> None:
-        """Hand the newest sampled frame of ``camera`` to the worker (never blocks on the model)."""
+    def submit_frame(self, camera: str, frame: np.ndarray, stamp_ns: int, epoch: Optional[int] = None) -> None:
+        """Hand the newest sampled frame of ``camera`` to the worker (never blocks on the model).
+
+        ``epoch``: the engine's epoch when the frame was admitted (default: now).
+        """
         with self._cond:
             if self._stop:
                 return
             if camera in self._frames:
-                self.assistant.count_frames(dropped=1)
-            self._frames[camera] = (frame, stamp_ns)
+                self.assistant.count_frames(camera, dropped=1)
+            self._served.setdefault(camera, time.monotonic())  # a new camera waits like one just served
+            self._frames[camera] = (frame, stamp_ns, self.assistant.epoch if epoch is None else epoch)
             self._cond.notify_all()
 
-    def submit_ask(self, question: str, **kwargs) -> concurrent.futures.Future:
-        """Queue a question; the future gets an :class:`AskResult` or an :class:`AskError`.
+    def submit_ask(self, question: str, **kwargs) -> AskJob:
+        """Queue a question; returns its :class:`AskJob` (``.future``, ``.cancel()``).
 
-        kwargs are those of :meth:`StreamingAssistant.ask` (cameras, since_ns, ...).
+        kwargs are those of :meth:`StreamingAssistant.ask` (cameras, since_ns, on_token, ...).
         """
-        return self._enqueue(_AskJob(dict(kwargs, question=question))).future
+        return self._enqueue(AskJob(dict(kwargs, question=question)))
 
     def ask(self, question: str, *, timeout_s: float, **kwargs) -> AskResult:
         """Ask and wait at most ``timeout_s`` seconds (queueing included).
@@ -104,22 +126,31 @@ class StreamWorker:
                 generation is stopped at its next token), BUSY when too many
                 questions wait, or the engine's own error.
         """
-        job = self._enqueue(_AskJob(dict(kwargs, question=question)))
+        job = self._enqueue(AskJob(dict(kwargs, question=question)))
         try:
             return job.future.result(timeout=timeout_s)
         except concurrent.futures.TimeoutError:
-            job.cancel.set()
-            with self._cond:
-                if job in self._asks:
-                    self._asks.remove(job)
-            raise AskError("TIMEOUT", f"no answer within {timeout_s:.1f} s") from None
+            self.withdraw(job)
+            raise AskError(AskErrorCode.TIMEOUT, f"no answer within {timeout_s:.1f} s") from None
 
-    def _enqueue(self, job: _AskJob) -> _AskJob:
+    def withdraw(self, job: AskJob) -> None:
+        """Cancel ``job``: removed if still waiting, stopped at its next token if running."""
+        job.cancel()
         with self._cond:
+            if job in self._asks:
+                self._asks.remove(job)
+                if not job.future.done():
+                    job.future.set_exception(AskError(AskErrorCode.CANCELED, "withdrawn before it ran"))
+                self._cond.notify_all()
+
+    def _enqueue(self, job: AskJob) -> AskJob:
+        with self._cond:
+            limit = self.assistant.config.max_pending_asks
             if self._stop:
-                job.future.set_exception(AskError("BUSY", "assistant is shutting down"))
-            elif len(self._asks) >= self.max_pending_asks:
-                job.future.set_exception(AskError("BUSY", f"{len(self._asks)} questions already waiting"))
+                job.future.set_exception(AskError(AskErrorCode.BUSY, "assistant is shutting down"))
+            elif len(self._asks) >= limit:
+                job.future.set_exception(AskError(AskErrorCode.BUSY, f"{len(self._asks)} questions already waiting "
+                                                                      f"(ask.max_pending={limit})"))
             else:
                 self._asks.append(job)
                 self._cond.notify_all()
@@ -134,19 +165,22 @@ class StreamWorker:
             if self._stop:
                 return None
             self._busy = True
-            if self._asks:
+            now = time.monotonic()
+            # Served longest ago first (never-served cameras first of all): no camera starves another.
+            camera = min(self._frames, key=lambda c: self._served[c]) if self._frames else None
+            overdue = camera is not None and now - self._served[camera] >= 0.5 * self.assistant.config.max_ingest_gap_s
+            if self._asks and not overdue:
                 return self._asks.pop(0)
-            # Oldest stamp first, so several cameras advance together.
-            camera = min(self._frames, key=lambda c: self._frames[c][1])
-            frame, stamp = self._frames.pop(camera)
-            return camera, frame, stamp
+            frame, stamp, epoch = self._frames.pop(camera)
+            self._served[camera] = now
+            return camera, frame, stamp, epoch
 
     def _run(self) -> None:
         while True:
             job = self._next_job()
             if job is None:
                 break
-            if isinstance(job, _AskJob):
+            if isinstance(job, AskJob):
                 self._run_ask(job)
             else:
                 self._run_frame(*job)
@@ -154,30 +188,41 @@ class StreamWorker:
             self._busy = False
             self._cond.notify_all()
 
-    def _run_ask(self, job: _AskJob) -> None:
-        if job.cancel.is_set() or not job.future.set_running_or_notify_cancel():
+    def _run_ask(self, job: AskJob) -> None:
+        if job.cancelled.is_set():
+            if not job.future.done():
+                job.future.set_exception(AskError(AskErrorCode.CANCELED, "cancelled before it ran"))
             return
-        user_cb = job.kwargs.pop("on_text", None)
+        if not job.future.set_running_or_notify_cancel():
+            return
+        user_cb = job.kwargs.pop("on_token", None)
 
-        def on_text(piece: str) -> Optional[bool]:
-            if job.cancel.is_set():
+        def on_token(piece: str, tokens: int) -> Optional[bool]:
+            if job.cancelled.is_set():
                 return False
-            return user_cb(piece) if user_cb is not None else None
+            if piece:
+                job.partial.append(piece)
+            return user_cb(piece, tokens) if user_cb is not None else None
 
         try:
-            job.future.set_result(self.assistant.ask(on_text=on_text, **job.kwargs))
+            result = self.assistant.ask(on_token=on_token, **job.kwargs)
         except AskError as exc:
             job.future.set_exception(exc)
         except Exception as exc:  # never let the worker die
             log.exception("ask failed")
-            job.future.set_exception(AskError("MODEL_ERROR", f"{type(exc).__name__}: {exc}"))
+            job.future.set_exception(AskError(AskErrorCode.MODEL_ERROR, f"{type(exc).__name__}: {exc}"))
+        else:
+            if job.cancelled.is_set() and result.stopped_by == "cancelled":
+                job.future.set_exception(AskError(AskErrorCode.CANCELED, f"cancelled after {result.generated_tokens} tokens"))
+            else:
+                job.future.set_result(result)
 
-    def _run_frame(self, camera: str, frame: np.ndarray, stamp: int) -> None:
+    def _run_frame(self, camera: str, frame: np.ndarray, stamp: int, epoch: int) -> None:
         try:
-            result = self.assistant.ingest(camera, frame, stamp)
+            result = self.assistant.ingest(camera, frame, stamp, epoch=epoch)
         except Exception as exc:  # never let the worker die
             log.exception("ingest failed")
-            result = IngestResult(camera, stamp, "rejected", error=f"{type(exc).__name__}: {exc}")
+            result = IngestResult(camera, stamp, IngestStatus.REJECTED, error=f"{type(exc).__name__}: {exc}")
         if self.on_ingest is not None:
             try:
                 self.on_ingest(result)

@@ -49,7 +49,8 @@ class Answer:
 
 
 #: Called with each new piece of answer text as it is decoded; return False to stop.
-TokenCallback = Callable[[str], Optional[bool]]
+#: ``on_token(piece, tokens_so_far)`` after every decoded token (piece may be ""); False stops.
+TokenCallback = Callable[[str, int], Optional[bool]]
 
 
 class ModelAdapter:
@@ -108,7 +109,7 @@ class ModelAdapter:
         *,
         max_new_tokens: int,
         visible: Optional[list[torch.Tensor]] = None,
-        on_text: Optional[TokenCallback] = None,
+        on_token: Optional[TokenCallback] = None,
         temperature: float = 0.0,
     ) -> Answer:
         """Answer ``question`` from the cache; the cache is left exactly as before."""

@@ -438,7 +438,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         *,
         max_new_tokens: int = 128,
         visible: Optional[list[torch.Tensor]] = None,
-        on_text: Optional[TokenCallback] = None,
+        on_token: Optional[TokenCallback] = None,
         temperature: float = 0.0,
         seed: int = 0,
     ) -> Answer:
@@ -452,7 +452,9 @@ class Qwen2_5_VLAdapter(ModelAdapter):
 
         Args:
             visible: per-layer [B, H_kv, S] bool from ``cache.visibility``; None = all.
-            on_text: called with each new piece of text; returning False stops.
+            on_token: called after every decoded token with (new text piece, "" while a
+                UTF-8 character is incomplete; tokens so far); returning False stops
+                before the next token is decoded (``stopped_by == "cancelled"``).
 
         Raises:
             ValueError: empty question.
@@ -495,7 +497,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):
                     break
                 out_ids.append(tok)
                 piece = detok.push(tok)
-                if on_text is not None and piece and on_text(piece) is False:
+                if on_token is not None and on_token(piece, len(out_ids)) is False:
                     stopped = "cancelled"
                     break
                 if i + 1 == max_new_tokens:
@@ -507,8 +509,8 @@ class Qwen2_5_VLAdapter(ModelAdapter):
                                            torch.full((3, 1), next_pos), visible=visible)
                 next_pos += 1
         tail = detok.flush()
-        if on_text is not None and tail and stopped != "cancelled":
-            on_text(tail)
+        if on_token is not None and tail and stopped != "cancelled":
+            on_token(tail, len(out_ids))
         t_end = time.perf_counter()
         ttft = (t_first - t0) if max_new_tokens > 0 else 0.0
         tps = (len(out_ids) - 1) / (t_end - t_first) if len(out_ids) > 1 and t_end > t_first else 0.0

@@ -6,11 +6,19 @@ from typing import Optional
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 
-from ..engine import EngineStats
-from ..msg import CacheStatus
-from .stamps import ns_to_time, time_to_ns  # noqa: F401  (re-exported for the node and tools)
+from ..engine import EngineState, EngineStats
+from ..msg import CacheStatus, CameraStatus
+from .stamps import ns_to_time
 
-_STATES = {"loading": CacheStatus.STATE_LOADING, "ready": CacheStatus.STATE_READY, "error": CacheStatus.STATE_ERROR}
+_STATES = {
+    EngineState.LOADING: CacheStatus.STATE_LOADING,
+    EngineState.READY: CacheStatus.STATE_READY,
+    EngineState.ERROR: CacheStatus.STATE_ERROR,
+    EngineState.UNCONFIGURED: CacheStatus.STATE_UNCONFIGURED,
+    EngineState.INACTIVE: CacheStatus.STATE_INACTIVE,
+}
+#: CacheStatus.state -> name, for tools and logs.
+STATE_NAMES = {v: k.value for k, v in _STATES.items()}
 
 
 def _u32(x: Optional[int]) -> int:
@@ -49,6 +57,19 @@ def to_cache_status(stats: EngineStats, stamp: Time, frame_id: str = "") -> Cach
     msg.frames_ingested = f.ingested
     msg.frames_dropped = f.dropped
     msg.frames_rejected = f.rejected
+    msg.frames_stamp_dropped = f.stamp_dropped
+    msg.time_jumps = _u32(stats.time_jumps)
+    msg.memory_source = stats.memory_source
+    msg.last_saved = ns_to_time(int(stats.last_saved_unix_s * 1e9))
+    for cam in stats.cameras:
+        c_msg = CameraStatus(camera_id=cam.camera, frames_received=cam.frames.received,
+                             frames_sampled=cam.frames.sampled, frames_ingested=cam.frames.ingested,
+                             frames_dropped=cam.frames.dropped, frames_rejected=cam.frames.rejected,
+                             frames_stamp_dropped=cam.frames.stamp_dropped,
+                             newest_frame_stamp=ns_to_time(cam.newest_stamp_ns),
+                             tokens_in_cache=_u32(cam.tokens_in_cache), frames_in_cache=_u32(cam.frames_in_cache),
+                             seconds_since_ingest=float(cam.seconds_since_ingest))
+        msg.cameras.append(c_msg)
     msg.ingest_fps = float(stats.ingest_fps)
     msg.last_chunk_ms = float(stats.last_chunk_ms)
     msg.device_memory_used_bytes = stats.device_memory_used
@@ -60,12 +81,14 @@ def to_cache_status(stats: EngineStats, stamp: Time, frame_id: str = "") -> Cach
 def to_diagnostics(stats: EngineStats, stamp: Time, node_name: str) -> DiagnosticArray:
     """One DiagnosticStatus: OK when ready and under budget, WARN while loading, ERROR on error."""
     st = DiagnosticStatus(name=f"{node_name}: KV cache", hardware_id=stats.device)
-    if stats.state == "error":
+    if stats.state is EngineState.ERROR:
         st.level, st.message = DiagnosticStatus.ERROR, stats.error or "error"
-    elif stats.state == "loading":
+    elif stats.state is EngineState.LOADING:
         st.level, st.message = DiagnosticStatus.WARN, "loading model"
-    else:
+    elif stats.state is EngineState.READY:
         st.level, st.message = DiagnosticStatus.OK, "ready"
+    else:
+        st.level, st.message = DiagnosticStatus.OK, stats.state.value
     c = stats.cache
     values = {
         "model": stats.model_id,
@@ -74,6 +97,9 @@ def to_diagnostics(stats: EngineStats, stamp: Time, node_name: str) -> Diagnosti
         "frames_ingested": stats.frames.ingested,
         "frames_dropped": stats.frames.dropped,
         "frames_rejected": stats.frames.rejected,
+        "frames_stamp_dropped": stats.frames.stamp_dropped,
+        "time_jumps": stats.time_jumps,
+        "memory": stats.memory_source,
         "ingest_fps": f"{stats.ingest_fps:.2f}",
         "process_rss_MB": f"{stats.rss_bytes / 1e6:.1f}",
     }

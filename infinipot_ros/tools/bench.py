@@ -249,7 +249,7 @@ def _worker(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from ..engine import AskError, EngineConfig, FrameSampler, StreamingAssistant
+    from ..engine import AskError, EngineConfig, GateDecision, IngestStatus, StreamingAssistant
 
     (policy, frames), = parse_policies(args.policies)
     if frames < 1:
@@ -295,7 +295,6 @@ def _worker(args: argparse.Namespace) -> int:
     ref_points: list[dict] = []
     trace = not args.no_py_heap
     tracing = False
-    sampler = FrameSampler(args.fps)
     crc = 0
     read = sampled = rejected = 0
     ingest_ms = compression_ms = 0.0
@@ -375,13 +374,13 @@ def _worker(args: argparse.Namespace) -> int:
         for index, stamp_ns, frame in iter_video(args.video, max_frames=frames, loops=args.loops):
             read += 1
             last = (index, stamp_ns)
-            if sampler.accept(CAMERA, stamp_ns):
+            if eng.admit(CAMERA, stamp_ns) in (GateDecision.ACCEPT, GateDecision.RESTART):
                 sampled += 1
                 crc = zlib.crc32(frame, crc)
                 digest.append(frame=index, crc=crc)
                 res = eng.ingest(CAMERA, frame, stamp_ns)
                 ingest_ms += res.ms
-                if res.status == "ingested":
+                if res.status is IngestStatus.INGESTED:
                     compression_ms += res.compression_ms
                     st = eng.cache.stats()
                     rows.append(frame=index, stamp_s=stamp_ns / 1e9, ms=res.ms, encode_ms=res.encode_ms,
@@ -393,7 +392,7 @@ def _worker(args: argparse.Namespace) -> int:
                         ask(args.max_new_tokens)
                         warmup_ask_s = time.perf_counter() - t0
                     bar.set_postfix(kv_MB=f"{st.kv_bytes / 1e6:.1f}", compr=st.compressions, refresh=False)
-                elif res.status == "rejected":
+                elif res.status is IngestStatus.REJECTED:
                     rejected += 1
                     first_error = first_error or f"frame {index}: {res.error}"
                     if rejected <= 3:

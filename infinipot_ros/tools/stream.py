@@ -100,7 +100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from tqdm import tqdm
 
-    from ..engine import AskError, FrameSampler, StreamingAssistant
+    from ..engine import AskError, GateDecision, StreamingAssistant
 
     t_start = time.perf_counter()
     try:
@@ -109,7 +109,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"infinipot-stream: cannot load model: {exc}", file=sys.stderr)
         return 2
     load_s = time.perf_counter() - t_start
-    sampler = FrameSampler(config.frame_rate_hz)
     camera = "video"
     records = []
     read = 0
@@ -120,16 +119,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         bar = tqdm(frames, unit="frame", disable=args.quiet or args.json or not sys.stderr.isatty())
         for index, stamp_ns, frame in bar:
             read += 1
-            engine.count_frames(received=1)
-            if not sampler.accept(camera, stamp_ns):
+            if engine.admit(camera, stamp_ns) not in (GateDecision.ACCEPT, GateDecision.RESTART):
                 continue
-            engine.count_frames(sampled=1)
             result = engine.ingest(camera, frame, stamp_ns)
             st = engine.stats()
             rec = {
                 "frame": index,
                 "stamp": stamp_ns / 1e9,
-                "status": result.status,
+                "status": result.status.value,
                 "kv_tokens": st.cache.tokens,
                 "kv_bytes": st.cache.kv_bytes,
                 "rss_bytes": st.rss_bytes,

@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 
-from infinipot_ros.engine import AskError, EngineConfig, FrameSampler, StreamingAssistant
+from infinipot_ros.engine import AskError, EngineConfig, StreamingAssistant
 
 
 def _engine(adapter, model_dir, **kw):
@@ -150,14 +150,3 @@ def test_reset_empties_the_stream(tiny_adapter, tiny_model_dir, vtest_frames):
     assert st.vision_tokens == 0 and st.chunks_in_cache == 0 and st.prefix_tokens > 0
     with pytest.raises(AskError):
         engine.ask("anything?")
-
-
-def test_sampler_uses_stamps_not_arrival():
-    s = FrameSampler(2.0)
-    stamps = [int(i * 1e8) for i in range(30)]  # 10 fps for 3 s
-    kept = [t for t in stamps if s.accept("cam", t)]
-    assert kept == [int(i * 5e8) for i in range(6)]
-    assert not s.accept("cam", kept[-1])  # duplicate / out of order
-    assert s.accept("other", 0)  # cameras are independent
-    every = FrameSampler(0)
-    assert [every.accept("c", t) for t in (1, 2, 2, 3)] == [True, True, False, True]

@@ -33,7 +33,7 @@ def test_questions_are_served_before_frames(engine, vtest_frames):
     frames, stamps = vtest_frames
     worker = StreamWorker(engine)
     worker.submit_frame("front", frames[0], stamps[0])
-    future = worker.submit_ask("What is happening?", max_new_tokens=2)
+    future = worker.submit_ask("What is happening?", max_new_tokens=2).future
     worker.start()
     try:
         with pytest.raises(AskError) as err:
@@ -49,12 +49,13 @@ def test_questions_are_served_before_frames(engine, vtest_frames):
 
 
 def test_timeout_and_busy(engine):
-    worker = StreamWorker(engine, max_pending_asks=1)  # not started: nothing is served
+    engine.update_settings(max_pending_asks=1)
+    worker = StreamWorker(engine)  # not started: nothing is served
     with pytest.raises(AskError) as err:
         worker.ask("hello?", timeout_s=0.05)
     assert err.value.code == "TIMEOUT"
-    first = worker.submit_ask("one?")
-    second = worker.submit_ask("two?")
+    first = worker.submit_ask("one?").future
+    second = worker.submit_ask("two?").future
     with pytest.raises(AskError) as err:
         second.result(1)
     assert err.value.code == "BUSY"
@@ -69,7 +70,7 @@ def test_timed_out_question_is_not_run_later(engine, vtest_frames):
     calls = []
     worker = StreamWorker(engine)
     with pytest.raises(AskError):
-        worker.ask("late?", timeout_s=0.01, on_text=calls.append)
+        worker.ask("late?", timeout_s=0.01, on_token=lambda piece, n: calls.append(piece))
     worker.submit_frame("front", frames[0], stamps[0])
     worker.start()
     try:

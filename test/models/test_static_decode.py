@@ -100,8 +100,10 @@ def test_step_compiles_fullgraph_once_for_32_steps(tiny_adapter, vtest_frames):
 
 def test_streamed_text_pieces_are_whole_characters(tiny_adapter, vtest_frames):
     cache = _stream(tiny_adapter, vtest_frames[0][:4])
-    pieces = []
-    ans = _answer(tiny_adapter, cache, "eager", n=40, on_text=pieces.append)
+    pieces, counts = [], []
+    ans = _answer(tiny_adapter, cache, "eager", n=40,
+                  on_token=lambda piece, n: pieces.append(piece) or counts.append(n))
+    assert counts[: len(ans.token_ids)] == list(range(1, len(ans.token_ids) + 1))  # once per token
     joined = "".join(pieces)
     assert joined.strip() == ans.text
     full = tiny_adapter.tokenizer.decode(ans.token_ids, skip_special_tokens=True)
