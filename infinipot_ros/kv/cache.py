@@ -161,6 +161,15 @@ class CacheStateError(RuntimeError):
     """An operation was called in the wrong state (e.g. a chunk during a scratch block)."""
 
 
+def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest over layers of max |a - b| / max |b| for two [L, ...] tensors (0 when equal)."""
+    if a.numel() == 0:
+        return 0.0
+    diff = (a.float() - b.float()).abs().flatten(1).amax(1)
+    scale = b.float().abs().flatten(1).amax(1).clamp_min(torch.finfo(torch.float32).tiny)
+    return float((diff / scale).max())
+
+
 class CappedKVCache:
     """K/V buffers [L, B, H_kv, capacity, D] with a protected prefix and a capped vision region per layer.
 
@@ -504,6 +513,151 @@ class CappedKVCache:
         self.tokens_evicted += before - keep
         self.last_compression = event
         return event
+
+    # ------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything needed to rebuild this cache's memory exactly, as CPU contiguous tensors (copies).
+
+        With L layers, B batch, H_kv heads, D head_dim, P prefix and V vision tokens per layer and head:
+
+        * ``keys``, ``values``: [L, B, H_kv, P + V, D] in the cache dtype (the prefix and vision
+          slots of every layer; scratch text and a chunk being appended are not part of the state);
+        * ``token_ids``: [L, B, H_kv, V] int64 global id of the token in each vision slot;
+        * ``value_norms``: [L, B, H_kv, V] float32 L2 norm of each cached vision value (as stored at
+          append; a cache without a policy never stores them, so they are computed from ``values``);
+        * ``prefix_length``, ``vision_length``, ``compressions``, ``tokens_evicted``: 0-dim int64;
+        * ``last_compression``: float64 [4] (before, after, ms, chunks_dropped), or [0] if none;
+        * ``table.<column>`` / ``table.next_chunk_id`` / ``table.next_token_id``: the chunk table
+          (:meth:`ChunkTable.state_dict`).
+
+        Raises:
+            CacheStateError: before the prefix is written.
+        """
+        if not self._prefix_done:
+            raise CacheStateError("the cache has no state before its prefix is written")
+        p, v = self._prefix_len, self._vision_len
+
+        def out(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+
+        if self.policy is not None:
+            norms = out(self._value_norms[..., :v])
+        else:  # never written without a policy: derive them as update() would have
+            norms = torch.linalg.vector_norm(out(self._values[..., p : p + v, :]).float(), dim=-1)
+        ev = self.last_compression
+        state = {
+            "keys": out(self._keys[..., : p + v, :]),
+            "values": out(self._values[..., : p + v, :]),
+            "token_ids": out(self._token_ids[..., :v]),
+            "value_norms": norms.contiguous(),
+            "prefix_length": torch.tensor(p, dtype=torch.long),
+            "vision_length": torch.tensor(v, dtype=torch.long),
+            "compressions": torch.tensor(self.compressions, dtype=torch.long),
+            "tokens_evicted": torch.tensor(self.tokens_evicted, dtype=torch.long),
+            "last_compression": torch.tensor(
+                [] if ev is None else [ev.before, ev.after, ev.ms, ev.chunks_dropped], dtype=torch.float64),
+        }
+        state.update({f"table.{k}": t for k, t in self.table.state_dict().items()})
+        return state
+
+    #: Largest accepted difference between a saved prefix and this cache's own, per layer, relative to
+    #: the layer's largest |K| or |V|: kernels may round differently across machines, but a prefix of
+    #: another system prompt or model differs by O(1).
+    PREFIX_RTOL = {torch.float32: 1e-3, torch.float64: 1e-3}
+    PREFIX_RTOL_16BIT = 5e-2
+
+    @torch.inference_mode()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace this cache's memory by one exported with :meth:`state_dict` (tensors go to this cache's device).
+
+        The cache must have the same geometry (layers, batch, KV heads, head_dim, dtype) and its
+        prefix already written, by the same model and system prompt: the saved prefix must have
+        the same length and match this cache's prefix K/V (within :data:`PREFIX_RTOL` of each
+        layer's largest magnitude); the saved prefix is then restored bit-exactly. Whatever vision
+        the cache held is replaced. If the restored vision region exceeds this cache's budget M,
+        it is compressed to C with this cache's policy (one compression event), so the cap holds
+        after the load. Everything is validated before anything is written: on error the cache
+        is unchanged.
+
+        Raises:
+            CacheStateError: a missing tensor, another geometry or dtype, inconsistent lengths,
+                another prefix, no prefix written here, or a scratch block / append in progress.
+        """
+        if not self._prefix_done:
+            raise CacheStateError("write this cache's prefix before loading a state into it")
+        if self._scratch_depth or self._appending_vision:
+            raise CacheStateError("cannot load a state while a question or a chunk is being processed")
+        required = ("keys", "values", "token_ids", "value_norms", "prefix_length", "vision_length",
+                    "compressions", "tokens_evicted")
+        missing = [k for k in required if k not in state]
+        if missing:
+            raise CacheStateError(f"cache state lacks tensors {missing}")
+        keys, values, ids, norms = state["keys"], state["values"], state["token_ids"], state["value_norms"]
+        p, v = int(state["prefix_length"]), int(state["vision_length"])
+        geometry = (self.num_layers, self.batch_size, self.num_kv_heads, p + v, self.head_dim)
+        if tuple(keys.shape) != geometry or tuple(values.shape) != geometry:
+            raise CacheStateError(
+                f"cache state of K {tuple(keys.shape)} / V {tuple(values.shape)} does not fit this cache "
+                f"[L={self.num_layers}, B={self.batch_size}, H_kv={self.num_kv_heads}, P+V={p + v}, D={self.head_dim}]"
+            )
+        if keys.dtype != self.dtype or values.dtype != self.dtype:
+            raise CacheStateError(f"cache state is {keys.dtype}/{values.dtype}, this cache {self.dtype}")
+        if tuple(ids.shape) != geometry[:3] + (v,) or tuple(norms.shape) != geometry[:3] + (v,):
+            raise CacheStateError(f"cache state token ids {tuple(ids.shape)} / value norms {tuple(norms.shape)} "
+                                  f"do not match its {v} vision tokens")
+        if ids.dtype != torch.long or norms.dtype != torch.float32:
+            raise CacheStateError(f"cache state token ids must be int64 and norms float32, "
+                                  f"got {ids.dtype}/{norms.dtype}")
+        if p != self._prefix_len:
+            raise CacheStateError(f"saved prefix has {p} tokens, this cache's {self._prefix_len}: "
+                                  f"written by another model or system prompt")
+        rtol = self.PREFIX_RTOL.get(self.dtype, self.PREFIX_RTOL_16BIT)
+        for name, saved, own in (("K", keys, self._keys), ("V", values, self._values)):
+            worst = _relative_difference(saved[..., :p, :].to(self.device), own[..., :p, :])
+            if not worst <= rtol:  # NaN refuses too
+                raise CacheStateError(f"saved prefix {name} differs from this cache's by {worst:.3g} (relative, "
+                                      f"tolerance {rtol:g}): written by another model or system prompt")
+        table = ChunkTable()
+        try:
+            table.load_state_dict({k[len("table."):]: t for k, t in state.items() if k.startswith("table.")})
+        except ValueError as exc:
+            raise CacheStateError(f"cache state: {exc}") from None
+        if v:
+            rows = ids.reshape(-1, v)
+            if bool((rows[:, 1:] <= rows[:, :-1]).any()):
+                raise CacheStateError("cache state token ids are not strictly ascending in every layer and head")
+            lo = int(table.column("first")[0]) if len(table) else 0
+            if not len(table) or int(rows[:, 0].min()) < lo or int(rows[:, -1].max()) >= table.next_token_id:
+                raise CacheStateError("cache state token ids fall outside its chunk table")
+        ev = state.get("last_compression")
+        if ev is not None and ev.numel() not in (0, 4):
+            raise CacheStateError(f"cache state last_compression must have 0 or 4 entries, got {ev.numel()}")
+
+        # ---- validated: write
+        m = self.max_vision_tokens
+        steady = None if m is None else p + m + self.reserve_tokens
+        if p + v > self.capacity:
+            if steady is not None:  # over this cache's budget: room for the state, shrunk after compressing
+                self._reallocate(p + v)
+            else:
+                self._ensure_capacity(p + v)
+        self._keys[..., : p + v, :].copy_(keys)
+        self._values[..., : p + v, :].copy_(values)
+        self._token_ids[..., :v].copy_(ids)
+        self._value_norms[..., :v].copy_(norms)
+        self._len = [p + v] * self.num_layers
+        self._vision_len = v
+        self.table = table
+        self.compressions = int(state["compressions"])
+        self.tokens_evicted = int(state["tokens_evicted"])
+        self.last_compression = None
+        if ev is not None and ev.numel() == 4:
+            b, a, ms, dropped = ev.tolist()
+            self.last_compression = CompressionEvent(int(b), int(a), float(ms), int(dropped))
+        if m is not None and v > m:
+            self.compress()
+            if self.capacity > steady:
+                self._reallocate(steady)
 
     # ------------------------------------------------------------------- reads
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -237,6 +237,47 @@ class ChunkTable:
             self._lookup = None
         return n - kept
 
+    # ------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The table as CPU tensors: one [R] int64 tensor per column of :data:`TABLE_COLUMNS` (R = live chunks,
+        oldest first) and the 0-dim int64 counters ``next_chunk_id`` / ``next_token_id``. Copies, contiguous."""
+        state = {name: col.clone() for name, col in self._cols().items()}
+        state["next_chunk_id"] = torch.tensor(self._next_chunk_id, dtype=torch.long)
+        state["next_token_id"] = torch.tensor(self._next_token_id, dtype=torch.long)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the table by one exported with :meth:`state_dict`; validated first, unchanged on error.
+
+        Raises:
+            ValueError: a missing column or counter, a column that is not [R] integer, columns of
+                different lengths, chunks not ascending in token-id space, or counters behind the rows.
+        """
+        missing = [k for k in (*TABLE_COLUMNS, "next_chunk_id", "next_token_id") if k not in state]
+        if missing:
+            raise ValueError(f"chunk table state lacks {missing}")
+        cols = [state[name] for name in TABLE_COLUMNS]
+        if any(c.dim() != 1 or c.dtype.is_floating_point or c.dtype == torch.bool for c in cols):
+            raise ValueError("chunk table columns must be 1-D integer tensors")
+        n = cols[0].shape[0]
+        if any(c.shape[0] != n for c in cols):
+            raise ValueError(f"chunk table columns of different lengths {[c.shape[0] for c in cols]}")
+        data = torch.zeros((len(TABLE_COLUMNS), max(256, n)), dtype=torch.long)
+        if n:
+            data[:, :n] = torch.stack([c.to("cpu", torch.long) for c in cols])
+        next_chunk, next_token = int(state["next_chunk_id"]), int(state["next_token_id"])
+        first, chunk_id = data[_COL["first"], :n], data[_COL["chunk_id"], :n]
+        if n and (bool((first[1:] <= first[:-1]).any()) or bool((chunk_id[1:] <= chunk_id[:-1]).any())):
+            raise ValueError("chunk table rows are not in stream order (first token ids / chunk ids must ascend)")
+        if n and (next_token <= int(first[-1]) or next_chunk <= int(chunk_id[-1])):
+            raise ValueError(f"chunk table counters (next chunk {next_chunk}, next token {next_token}) "
+                             f"are behind its rows")
+        self._data = data
+        self._n = n
+        self._next_chunk_id = next_chunk
+        self._next_token_id = next_token
+        self._lookup = None
+
     def lookup(self, device: torch.device) -> ChunkLookup:
         """Device tensors describing the chunks (rebuilt only when the table changed)."""
         device = torch.device(device)
