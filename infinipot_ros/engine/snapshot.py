@@ -58,7 +58,7 @@ class SnapshotInfo:
     """What a snapshot file holds (as saved).
 
     Attributes:
-        path: the snapshot file.
+        path: the snapshot file (absolute path).
         frames: camera frames with vision tokens in the saved cache.
         vision_tokens: vision tokens per layer and KV head in the saved cache (V).
         saved_unix_s: wall-clock time of the save (Unix time, s).
@@ -181,7 +181,7 @@ def save_snapshot(assistant: "StreamingAssistant", path: str | os.PathLike) -> S
     header["tensors"] = sorted(tensors)
     header["tensors_sha256"] = _tensors_digest(tensors)
     _write_atomically(tensors, header, path)
-    return SnapshotInfo(path, header["frames"], header["vision_tokens"], header["saved_unix_s"])
+    return SnapshotInfo(os.path.abspath(path), header["frames"], header["vision_tokens"], header["saved_unix_s"])
 
 
 def _write_atomically(tensors: dict[str, torch.Tensor], header: dict[str, Any], path: str) -> None:
@@ -248,7 +248,7 @@ def snapshot_info(path: str | os.PathLike) -> SnapshotInfo:
     """
     header = read_snapshot_header(path)
     try:
-        return SnapshotInfo(os.fspath(path), int(header["frames"]), int(header["vision_tokens"]),
+        return SnapshotInfo(os.path.abspath(path), int(header["frames"]), int(header["vision_tokens"]),
                             float(header["saved_unix_s"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise SnapshotError(f"snapshot {os.fspath(path)} has a corrupt header: {exc!r}") from None
@@ -333,7 +333,7 @@ def load_snapshot(assistant: "StreamingAssistant", path: str | os.PathLike) -> S
             raise SnapshotError(f"snapshot {path} does not fit this assistant's cache: {_one_line(exc)}") from None
         cameras, origin = _stream_state(header, fresh, path)
         try:
-            info = SnapshotInfo(path, int(header["frames"]), int(header["vision_tokens"]),
+            info = SnapshotInfo(os.path.abspath(path), int(header["frames"]), int(header["vision_tokens"]),
                                 float(header["saved_unix_s"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise SnapshotError(f"snapshot {path} has a corrupt header: {exc!r}") from None

@@ -172,12 +172,13 @@ def test_smaller_budget_compresses_on_load(reference, tiny_adapter, tiny_model_d
     assert engine.ask(QUESTION, max_new_tokens=2).generated_tokens >= 0
 
 
-def test_unpaired_frame_is_dropped_and_named(tiny_adapter, tiny_model_dir, vtest_frames, tmp_path):
+def test_unpaired_frame_is_dropped_and_named(tiny_adapter, tiny_model_dir, vtest_frames, tmp_path, monkeypatch):
     frames, stamps = vtest_frames
     engine = _engine(tiny_adapter, tiny_model_dir)
     _feed(engine, frames[:3], stamps[:3], "front")  # the 3rd waits for its pair
     path = tmp_path / "m.safetensors"
-    save_snapshot(engine, path)
+    monkeypatch.chdir(tmp_path)
+    assert save_snapshot(engine, "m.safetensors").path == str(path)  # relative in, absolute out
     assert read_snapshot_header(path)["pending_dropped"] == ["front"]
     other = _engine(tiny_adapter, tiny_model_dir)
     _feed(other, frames[:1], stamps[:1], "side")
@@ -207,6 +208,7 @@ def test_save_overwrites_atomically_and_a_failed_save_keeps_the_old_file(referen
     monkeypatch.undo()
     info = save_snapshot(engine, path)  # overwrite
     assert info.frames == 2 and sorted(os.listdir(tmp_path)) == ["memory.safetensors"]
+    assert info.path == str(path) and os.path.isabs(info.path)
     assert snapshot_info(path) == info
 
 
