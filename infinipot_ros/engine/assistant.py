@@ -255,7 +255,7 @@ class StreamingAssistant:
         Returns:
             SnapshotInfo (absolute path, frames, vision tokens, save time).
         Raises:
-            OSError: the file cannot be written (nothing is replaced then).
+            SnapshotError: the file cannot be written (an existing file is then left as it was).
         """
         from .snapshot import save_snapshot
 
@@ -272,9 +272,17 @@ class StreamingAssistant:
         """
         from .snapshot import load_snapshot
 
-        info = load_snapshot(self, path)
-        self.memory_source = f"snapshot {info.path} ({info.frames} frames)"
-        return info
+        with self._lock:
+            info = load_snapshot(self, path)
+            self.epoch += 1  # frames admitted before the load belong to the old memory's timeline
+            self.gate.reset()
+            cam_col, end_col = self.cache.table.column("camera"), self.cache.table.column("end_stamp")
+            for name, idx in self._cameras.items():  # frames older than the memory are stale or a time jump
+                mine = end_col[cam_col == idx]
+                if mine.numel():
+                    self.gate.seed(name, int(mine.max()))
+            self.memory_source = f"snapshot {info.path} ({info.frames} frames)"
+            return info
 
     def update_settings(self, **changes) -> None:
         """Change live settings (:data:`~.config.LIVE_FIELDS`) while running.

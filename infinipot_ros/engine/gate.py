@@ -106,6 +106,11 @@ class FrameGate:
         clock = self._clocks.get(camera)
         return None if clock is None else clock.last_stamp_ns
 
+    def seed(self, camera: str, last_stamp_ns: int) -> None:
+        """Start ``camera``'s clock at ``last_stamp_ns`` as if that frame had been accepted (a restored memory):
+        later frames are sampled from it, older ones are stale or jumps."""
+        self._clocks[camera] = _CameraClock(last_stamp_ns, 0, last_stamp_ns)
+
     def reset(self) -> None:
         """Forget every camera's clock (the stream restarted for another reason: /clock jumped back)."""
         self._clocks.clear()

@@ -132,6 +132,7 @@ class AssistantNode(LifecycleNode):
         try:
             self.config, self.settings = read_parameters(self)
             engine = self._given_engine or StreamingAssistant(self.config)
+            self.config = engine.config  # an injected engine (tests) brings its own
         except Exception as exc:  # reported on status and diagnostics; asks answer MODEL_ERROR
             self._state, self._error = EngineState.ERROR, f"model load failed: {type(exc).__name__}: {exc}"
             self.get_logger().error(self._error)
@@ -208,6 +209,8 @@ class AssistantNode(LifecycleNode):
         if self._worker is not None:
             self._worker.stop()
         engine, self._engine, self._worker = self._engine, None, None
+        if engine is not None and engine is self._given_engine:
+            engine.reset()  # an injected engine outlives cleanup: its memory must not
         if engine is not None and engine.adapter.device.type == "cuda":
             import torch
 
