@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple
 
-from ..kv import DEFAULT_POOL_KERNELS, POLICIES, CacheBudget, ScoringPolicy, make_policy
+from ..kv import DEFAULT_POOL_KERNELS, POLICIES, CacheBudget, PolicySettings, ScoringPolicy, make_policy
 from ..models import DECODE_MODES, DEFAULT_MODEL
 
 #: Upper bound of ``max_new_tokens`` (any configuration).
@@ -145,12 +145,13 @@ class EngineConfig:
         return CacheBudget(max_vision_tokens=self.max_vision_tokens, target_ratio=self.target_ratio)
 
     def make_policy(self) -> Optional[ScoringPolicy]:
-        return make_policy(
-            self.policy,
-            tar_ratio=self.tar_ratio,
-            recent_ratio=self.recent_ratio,
-            pool_kernels=self.pool_kernels or None,
-        )
+        """The compression policy (None for "none"), built from the typed :class:`PolicySettings`."""
+        return make_policy(self.policy, self.policy_settings)
+
+    @property
+    def policy_settings(self) -> PolicySettings:
+        return PolicySettings(tar_ratio=self.tar_ratio, recent_ratio=self.recent_ratio,
+                              pool_kernels=self.pool_kernels or None)
 
     def adapter_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"max_pixels": self.max_pixels, "min_pixels": self.min_pixels,

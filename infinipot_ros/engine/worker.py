@@ -202,7 +202,8 @@ class StreamWorker:
                 return False
             if piece:
                 job.partial.append(piece)
-            return user_cb(piece, tokens) if user_cb is not None else None
+            verdict = user_cb(piece, tokens) if user_cb is not None else None
+            return False if job.cancelled.is_set() else verdict
 
         try:
             result = self.assistant.ask(on_token=on_token, **job.kwargs)

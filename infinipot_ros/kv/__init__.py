@@ -6,13 +6,14 @@ on the command line to the classes.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 from .baselines import RecentPolicy, UniformPolicy
 from .cache import CacheBudget, CacheStateError, CacheStats, CappedKVCache, CompressionEvent
 from .infinipot_v import InfiniPotVPolicy
 from .layout import ChunkTable, VisionChunk, VisionLayout
-from .policy import ScoringPolicy
+from .policy import PolicySettings, ScoringPolicy
 from .selection import gather_kept, gather_tokens, keep_topk
 from .tar import TaRPolicy, tar_similarity
 from .van import DEFAULT_POOL_KERNELS, PooledVaNPolicy, VaNPolicy, pool_on_grid, value_norms
@@ -24,14 +25,17 @@ POLICIES: dict[str, type[ScoringPolicy]] = {
 }
 
 
-def make_policy(name: str, **kwargs: Any) -> Optional[ScoringPolicy]:
-    """Policy instance by name; ``"none"`` gives None (uncapped cache).
+def make_policy(name: str, settings: Optional[PolicySettings] = None, **overrides: Any) -> Optional[ScoringPolicy]:
+    """Policy instance by name, built from typed settings; ``"none"`` gives None (uncapped cache).
 
-    Unknown keyword arguments for the chosen class are ignored, so one set of
-    settings (recent_ratio, tar_ratio, ...) serves every method.
+    Args:
+        settings: hyper-parameters (default: the paper's); each class takes the
+            fields it names in ``settings_fields``.
+        overrides: fields of :class:`PolicySettings` to change, e.g. ``tar_ratio=0.25``.
 
     Raises:
-        ValueError: for an unknown name.
+        ValueError: an unknown name.
+        TypeError: an override that is not a PolicySettings field.
     """
     if name == "none":
         return None
@@ -39,13 +43,13 @@ def make_policy(name: str, **kwargs: Any) -> Optional[ScoringPolicy]:
         cls = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown compression policy {name!r}; choose one of {['none', *POLICIES]}") from None
-    fields = getattr(cls, "__dataclass_fields__", {})
-    return cls(**{k: v for k, v in kwargs.items() if k in fields and fields[k].init})
+    settings = dataclasses.replace(settings or PolicySettings(), **overrides)
+    return cls.from_settings(settings)
 
 
 __all__ = [
     "CacheBudget", "CacheStateError", "CacheStats", "CappedKVCache", "ChunkTable", "CompressionEvent",
-    "DEFAULT_POOL_KERNELS", "InfiniPotVPolicy", "POLICIES", "PooledVaNPolicy", "RecentPolicy",
+    "DEFAULT_POOL_KERNELS", "InfiniPotVPolicy", "POLICIES", "PolicySettings", "PooledVaNPolicy", "RecentPolicy",
     "ScoringPolicy", "TaRPolicy", "UniformPolicy", "VaNPolicy", "VisionChunk", "VisionLayout",
     "gather_kept", "gather_tokens", "keep_topk", "make_policy", "pool_on_grid", "tar_similarity", "value_norms",
 ]

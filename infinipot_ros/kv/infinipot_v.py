@@ -29,6 +29,7 @@ class InfiniPotVPolicy(ScoringPolicy):
     """
 
     name: ClassVar[str] = "infinipot_v"
+    settings_fields: ClassVar[Tuple[str, ...]] = ("tar_ratio", "recent_ratio", "pool_kernels")
     tar_ratio: float = 0.5
     recent_ratio: float = 0.125
     pool_kernels: Optional[Tuple[Kernel, ...]] = field(default=DEFAULT_POOL_KERNELS)

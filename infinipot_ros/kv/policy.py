@@ -7,12 +7,34 @@ tokens of every layer and KV head.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional, Sequence, Tuple
 
 import torch
 
 from .layout import VisionLayout
+
+
+Kernel = Tuple[int, int, int]  # (t, h, w) pooling window over frames x rows x columns
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """The hyper-parameters of every policy, typed, in one place (defaults: the paper's).
+
+    Each policy class names the ones it uses in ``settings_fields``; the others
+    do not apply to it.
+
+    Attributes:
+        tar_ratio: alpha, share of the target C chosen by TaR (InfiniPot-V Sec. 4.4: 0.5).
+        recent_ratio: share of the cached frames TaR treats as recent (Sec. 4.2: 1/8).
+        pool_kernels: VaN pooling kernel (t, h, w) per layer quarter, shallow to deep
+            (Sec. 4.3, layer-adaptive pooling); None or () = raw value norms.
+    """
+
+    tar_ratio: float = 0.5
+    recent_ratio: float = 0.125
+    pool_kernels: Optional[Tuple[Kernel, ...]] = field(default=((3, 3, 3), (1, 3, 3), (1, 1, 3), (1, 1, 1)))
 
 
 @dataclass
@@ -25,6 +47,16 @@ class ScoringPolicy:
     """
 
     name: ClassVar[str] = "base"
+    #: The :class:`PolicySettings` this policy is built from (same-named fields).
+    settings_fields: ClassVar[Tuple[str, ...]] = ()
+
+    @classmethod
+    def from_settings(cls, settings: PolicySettings) -> "ScoringPolicy":
+        """The policy with the settings it uses taken from ``settings``."""
+        kw = {name: getattr(settings, name) for name in cls.settings_fields}
+        if "pool_kernels" in kw and not kw["pool_kernels"]:
+            kw["pool_kernels"] = None
+        return cls(**kw)
 
     def score(
         self,
@@ -53,8 +85,3 @@ class ScoringPolicy:
             [N, H_kv, S] float32 scores.
         """
         raise NotImplementedError
-
-    def describe(self) -> str:
-        """One line naming the policy and its settings, for logs and status."""
-        fields = ", ".join(f"{k}={v}" for k, v in self.__dict__.items())
-        return f"{self.name}({fields})"

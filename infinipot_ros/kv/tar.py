@@ -7,7 +7,7 @@ index) is redundant; one that differs holds information only the past has.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +72,7 @@ class TaRPolicy(ScoringPolicy):
     """
 
     name: ClassVar[str] = "tar"
+    settings_fields: ClassVar[Tuple[str, ...]] = ("recent_ratio",)
     recent_ratio: float = 0.125
 
     def __post_init__(self) -> None:

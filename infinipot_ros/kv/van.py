@@ -15,14 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from .layout import VisionLayout
-from .policy import ScoringPolicy
+from .policy import Kernel, PolicySettings, ScoringPolicy
 
-Kernel = Tuple[int, int, int]
 
 #: Pooling kernel (time, rows, cols) per quarter of the decoder layers:
 #: 3-D pooling in the first quarter, 2-D in the second, 1-D in the third,
 #: none in the last (InfiniPot-V Sec. 4.3, layer-adaptive pooling).
-DEFAULT_POOL_KERNELS: tuple[Kernel, ...] = ((3, 3, 3), (1, 3, 3), (1, 1, 3), (1, 1, 1))
+DEFAULT_POOL_KERNELS: tuple[Kernel, ...] = PolicySettings().pool_kernels  # type: ignore[assignment]
 
 
 def value_norms(values: torch.Tensor) -> torch.Tensor:
@@ -211,4 +210,5 @@ class PooledVaNPolicy(VaNPolicy):
     """VaN with layer-adaptive spatial pooling (the paper's "VaN + pool" ablation)."""
 
     name: ClassVar[str] = "van_pool"
+    settings_fields: ClassVar[Tuple[str, ...]] = ("pool_kernels",)
     pool_kernels: Optional[Tuple[Kernel, ...]] = field(default=DEFAULT_POOL_KERNELS)

@@ -27,6 +27,13 @@ from .video import iter_video
 log = logging.getLogger("infinipot-stream")
 
 
+def _default(name: str):
+    """EngineConfig's default for ``name``: the one place defaults live."""
+    from ..engine import EngineConfig
+
+    return EngineConfig.__dataclass_fields__[name].default
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="infinipot-stream",
@@ -34,19 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--video", required=True, help="video file (anything OpenCV reads)")
     p.add_argument("--model", default=None, help="builtin:tiny-qwen2.5-vl (default), a local dir or an HF id")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
-    p.add_argument("--fps", type=float, default=2.0, help="frames per second sampled by stamp (default 2)")
+    p.add_argument("--device", default=_default("device"), help="auto, cpu, cuda, cuda:N (default %(default)s)")
+    p.add_argument("--dtype", default=_default("dtype"), help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16 (default %(default)s)")
+    p.add_argument("--fps", type=float, default=_default("frame_rate_hz"),
+                   help="frames per second sampled by stamp (default %(default)s)")
     p.add_argument("--max-frames", type=int, default=0, help="read at most this many video frames (0 = all)")
-    p.add_argument("--max-pixels", type=int, default=None, help="cap on pixels per frame (default 200704)")
-    p.add_argument("--max-tokens", type=int, default=None, help="M: max vision tokens per layer and head (default 4096)")
+    p.add_argument("--max-pixels", type=int, default=None, help=f"cap on pixels per frame (default {_default('max_pixels')})")
+    p.add_argument("--max-tokens", type=int, default=None, help=f"M: max vision tokens per layer and head (default {_default('max_vision_tokens')})")
     p.add_argument("--budget-mb", type=float, default=None, help="cap on the resident KV cache in MB instead of --max-tokens")
-    p.add_argument("--target-ratio", type=float, default=None, help="C/M after a compression (default 0.75)")
+    p.add_argument("--target-ratio", type=float, default=None, help=f"C/M after a compression (default {_default('target_ratio')})")
     p.add_argument("--policy", default=None,
                    help="infinipot_v (default), tar, van, van_pool, uniform, recent, or none")
     p.add_argument("--no-compress", action="store_true", help="full KV cache, no cap (same as --policy none)")
     p.add_argument("--ask", action="append", default=[], metavar="QUESTION", help="question asked after the last frame (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="answer length cap (default 128)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help=f"answer length cap (default {_default('max_new_tokens')})")
     p.add_argument("--decode-mode", default=None, choices=DECODE_MODES,
                    help="answer decoding: auto (static step; CUDA graph on CUDA), eager, compile, dynamic")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")

@@ -1,7 +1,11 @@
 """StreamWorker: latest frame wins, questions first, timeouts and back-pressure."""
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
+import torch
 
 from infinipot_ros.engine import AskError, EngineConfig, StreamingAssistant, StreamWorker
 
@@ -78,3 +82,76 @@ def test_timed_out_question_is_not_run_later(engine, vtest_frames):
         assert calls == [] and worker.idle
     finally:
         worker.stop()
+
+
+def _kv(engine):
+    return [tuple(t.clone() for t in engine.cache.layer_kv(layer)) for layer in range(engine.cache.num_layers)]
+
+
+def test_cancel_stops_within_one_token_and_leaves_the_cache(engine, vtest_frames):
+    from infinipot_ros.engine import AskErrorCode
+
+    frames, stamps = vtest_frames
+    for f, s in zip(frames[:6], stamps[:6]):
+        engine.ingest("front", f, s)
+    before = _kv(engine)
+    worker = StreamWorker(engine).start()
+    seen = []
+    try:
+        def on_token(piece, n):
+            seen.append(n)
+            if n == 3:
+                job.cancel()  # as the action's cancel callback does, from another thread
+
+        job = worker.submit_ask("Describe everything in detail.", max_new_tokens=64, on_token=on_token)
+        with pytest.raises(AskError) as err:
+            job.future.result(30)
+        assert err.value.code is AskErrorCode.CANCELED and "after 3 tokens" in err.value.message
+        assert seen == [1, 2, 3]  # no token decoded after the cancel
+        after = _kv(engine)
+        assert all(torch.equal(a, b) for la, lb in zip(before, after) for a, b in zip(la, lb))
+        # a cancelled question still waiting never runs
+        worker_job = worker.submit_ask("never?", on_token=lambda p, n: seen.append(-1))
+        worker.withdraw(worker_job)
+        with pytest.raises(AskError) as err:
+            worker_job.future.result(5)
+        assert err.value.code is AskErrorCode.CANCELED and -1 not in seen
+    finally:
+        worker.stop()
+
+
+def test_continuous_questions_cannot_starve_the_cameras(engine, vtest_frames):
+    """Questions are served first, but each camera still gets a frame about every max_ingest_gap_s / 2."""
+    frames, stamps = vtest_frames
+    engine.update_settings(max_ingest_gap_s=0.4, max_pending_asks=8, max_new_tokens=8)
+    worker = StreamWorker(engine).start()
+    stop = threading.Event()
+
+    def asker():
+        while not stop.is_set():
+            try:
+                worker.ask("What is happening?", timeout_s=30, max_new_tokens=8)
+            except AskError:
+                pass
+
+    askers = [threading.Thread(target=asker) for _ in range(3)]
+    for t in askers:
+        t.start()
+    try:
+        t_end = time.monotonic() + 6.0
+        i = 0
+        while time.monotonic() < t_end:  # two cameras at 20 Hz each, stamps always newer
+            for cam in ("front", "rear"):
+                worker.submit_frame(cam, frames[i % len(frames)], stamps[0] + i * 50_000_000)
+            i += 1
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in askers:
+            t.join(30)
+        worker.stop()
+    st = engine.stats(cameras=["front", "rear"])
+    ingested = {c.camera: c.frames.ingested for c in st.cameras}
+    # ~6 s at one frame per camera every >= 0.2 s (half the gap): both cameras advance, neither starves the other
+    assert ingested["front"] >= 8 and ingested["rear"] >= 8, ingested
+    assert abs(ingested["front"] - ingested["rear"]) <= 2, ingested

@@ -222,8 +222,15 @@ def test_make_policy_names():
     assert make_policy("none") is None
     with pytest.raises(ValueError, match="unknown"):
         make_policy("h2o")
-    pol = make_policy("infinipot_v", tar_ratio=0.25, recent_ratio=0.1, not_a_field=3)
+    pol = make_policy("infinipot_v", tar_ratio=0.25, recent_ratio=0.1)
     assert (pol.tar_ratio, pol.recent_ratio) == (0.25, 0.1)
+    with pytest.raises(TypeError):  # settings are typed: a misspelt one is an error, not ignored
+        make_policy("infinipot_v", tar_ration=0.25)
+    # each method takes the settings it names, and only those
+    assert make_policy("van").pool_kernels is None  # VaN alone: raw value norms
+    assert make_policy("van_pool", pool_kernels=((1, 1, 1),) * 4).pool_kernels == ((1, 1, 1),) * 4
+    assert make_policy("tar", recent_ratio=0.2).recent_ratio == 0.2
+    assert make_policy("infinipot_v", pool_kernels=()).pool_kernels is None
 
 
 @pytest.mark.parametrize("name", ["infinipot_v", "van_pool", "tar"])
