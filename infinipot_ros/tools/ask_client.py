@@ -30,10 +30,9 @@ def _split_ros_args(argv: Optional[Sequence[str]]) -> tuple[list, list]:
 
 def format_status(msg) -> str:
     """One line: state, KV bytes vs budget, tokens, compressions, frames, memory."""
-    from ..msg import CacheStatus
+    from ..ros.status import STATE_NAMES
 
-    state = {CacheStatus.STATE_LOADING: "LOADING", CacheStatus.STATE_READY: "READY",
-             CacheStatus.STATE_ERROR: "ERROR"}.get(msg.state, str(msg.state))
+    state = STATE_NAMES.get(msg.state, str(msg.state)).upper()
     budget = f"{msg.kv_bytes_budget / 1e6:.2f} MB" if msg.kv_bytes_budget else "no cap"
     line = (
         f"[{state}] kv {msg.kv_bytes_used / 1e6:.2f} MB / {budget} | vision tokens {msg.vision_tokens}"
@@ -44,6 +43,13 @@ def format_status(msg) -> str:
     )
     if msg.device_memory_total_bytes:
         line += f" | gpu {msg.device_memory_used_bytes / 1e6:.0f} MB"
+    if msg.frames_stamp_dropped or msg.time_jumps:
+        line += f" | stamp-dropped {msg.frames_stamp_dropped} time-jumps {msg.time_jumps}"
+    if len(msg.cameras) > 1:
+        line += " | " + ", ".join(f"{c.camera_id}: {c.frames_ingested} in, {c.tokens_in_cache} tok"
+                                  for c in msg.cameras)
+    if msg.memory_source and msg.memory_source != "empty":
+        line += f" | memory: {msg.memory_source}"
     if msg.error_message:
         line += f" | {msg.error_message}"
     return line
