@@ -41,6 +41,7 @@ setup(
             "infinipot-ask=infinipot_ros.tools.ask_client:ask_main",
             "infinipot-status=infinipot_ros.tools.ask_client:status_main",
             "infinipot-assistant=infinipot_ros.ros.node:main",
+            "infinipot-bt-demo=infinipot_ros.tools.bt_demo:main",
         ],
     },
 )
