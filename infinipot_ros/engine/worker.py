@@ -39,6 +39,7 @@ class AskJob:
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     partial: list = field(default_factory=list)  # text pieces decoded so far
+    tokens: int = 0  # tokens decoded so far
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -200,6 +201,7 @@ class StreamWorker:
         def on_token(piece: str, tokens: int) -> Optional[bool]:
             if job.cancelled.is_set():
                 return False
+            job.tokens = tokens
             if piece:
                 job.partial.append(piece)
             verdict = user_cb(piece, tokens) if user_cb is not None else None

@@ -221,6 +221,12 @@ class AssistantNode(LifecycleNode):
         """Stop ingesting and the worker (waiting questions get BUSY); safe to call twice."""
         self._release()
 
+    def destroy_node(self) -> None:
+        """Release the model, then the action server (rclpy's destroy_node leaves action servers alive)."""
+        self._release()
+        self.ask_action.destroy()
+        super().destroy_node()
+
     # ---------------------------------------------------------------- memory
     def _load_snapshot(self, engine: StreamingAssistant) -> None:
         path = self.config.snapshot_path
@@ -422,7 +428,7 @@ class AssistantNode(LifecycleNode):
         if error.startswith(AskErrorCode.CANCELED.value) and goal_handle.is_cancel_requested:
             goal_handle.canceled()
             out = self._fill(result, None, error, t0)
-            out.answer = "".join(job.partial).strip()
+            out.answer, out.generated_tokens = "".join(job.partial).strip(), job.tokens
             return out
         if error:
             self.get_logger().info(f"ask_stream goal failed: {error}")

@@ -201,6 +201,7 @@ def test_ask_stream_cancel_leaves_the_cache_as_it_was(graph, vtest_frames):
     res = _result(handle.get_result_async())
     assert res.status == GoalStatus.STATUS_CANCELED
     assert res.result.error.startswith("CANCELED") and not res.result.success
+    assert res.result.generated_tokens >= 1 and res.result.answer  # what was decoded before the cancel
     assert g.node._worker.wait_idle(30)
     assert _same(before, _kv(g.node._engine))  # question and partial answer removed, nothing else touched
     assert g.call(question="ok?", max_new_tokens=2).success
