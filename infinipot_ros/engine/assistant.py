@@ -351,6 +351,17 @@ class StreamingAssistant:
                 return IngestResult(camera, stamp_ns, IngestStatus.BUFFERED, ms=(time.perf_counter() - t0) * 1e3)
             return self._ingest_patch(camera, group, t0)
 
+    def offer(self, camera: str, frame: np.ndarray, stamp_ns: int) -> Optional[IngestResult]:
+        """Gate then ingest a decoded frame (the CLI and the bench; the node converts between the two steps).
+
+        Returns:
+            The :class:`IngestResult`, or None when the gate did not sample the frame.
+        """
+        decision = self.admit(camera, stamp_ns)
+        if decision not in (GateDecision.ACCEPT, GateDecision.RESTART):
+            return None
+        return self.ingest(camera, frame, stamp_ns)
+
     def seconds_since_handled(self, camera: str, now: Optional[float] = None) -> float:
         """Wall time (s) since ``camera``'s last frame was buffered or ingested; inf if never."""
         last = self._camera_handled.get(camera)

@@ -54,9 +54,3 @@ class InfiniPotVPolicy(ScoringPolicy):
         n_tar = min(keep, max(n_recent, int(self.tar_ratio * keep)))
         chosen = keep_topk(tar, n_tar)
         return van.scatter(2, chosen, float("inf"))  # out of place: van may be the cached norms
-
-    def describe(self) -> str:
-        return (
-            f"{self.name}(tar_ratio={self.tar_ratio}, recent_ratio={self.recent_ratio}, "
-            f"pool_kernels={self.pool_kernels})"
-        )

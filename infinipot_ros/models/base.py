@@ -23,13 +23,11 @@ class EncodedPatch:
     Attributes:
         embeds: [n, hidden] vision embeddings after the spatial merge (model dtype/device).
         grid_h, grid_w: merged token grid; n = grid_h * grid_w.
-        image_size: (height, width) in pixels the frames were resized to.
     """
 
     embeds: torch.Tensor
     grid_h: int
     grid_w: int
-    image_size: tuple[int, int]
 
     @property
     def num_tokens(self) -> int:

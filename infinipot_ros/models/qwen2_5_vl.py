@@ -150,8 +150,6 @@ class Qwen2_5_VLAdapter(ModelAdapter):
             (the reference the static step is tested against).
     """
 
-    family = "qwen2_5_vl"
-
     def __init__(
         self,
         model_path: str,
@@ -323,7 +321,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         embeds = feats[0] if isinstance(feats, (tuple, list)) else feats
         t, gh, gw = (int(x) for x in grid[0])
         m = self.spatial_merge
-        return EncodedPatch(embeds.to(self.dtype), gh // m, gw // m, (gh * 14, gw * 14))
+        return EncodedPatch(embeds.to(self.dtype), gh // m, gw // m)
 
     # --------------------------------------------------------------- positions
     def chunk_positions(self, prefix_len: int, seconds: float, grid_h: int, grid_w: int) -> torch.Tensor:

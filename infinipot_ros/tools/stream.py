@@ -108,7 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from tqdm import tqdm
 
-    from ..engine import AskError, GateDecision, StreamingAssistant
+    from ..engine import AskError, StreamingAssistant
 
     t_start = time.perf_counter()
     try:
@@ -127,9 +127,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         bar = tqdm(frames, unit="frame", disable=args.quiet or args.json or not sys.stderr.isatty())
         for index, stamp_ns, frame in bar:
             read += 1
-            if engine.admit(camera, stamp_ns) not in (GateDecision.ACCEPT, GateDecision.RESTART):
+            result = engine.offer(camera, frame, stamp_ns)
+            if result is None:  # not sampled
                 continue
-            result = engine.ingest(camera, frame, stamp_ns)
             st = engine.stats()
             rec = {
                 "frame": index,
