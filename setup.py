@@ -35,6 +35,7 @@ setup(
         "console_scripts": [
             "infinipot-stream=infinipot_ros.tools.stream:main",
             "infinipot-bench=infinipot_ros.tools.bench:main",
+            "infinipot-load=infinipot_ros.tools.load:main",
             "infinipot-build-model=infinipot_ros.tools.build_tiny_model:main",
             "infinipot-video-to-bag=infinipot_ros.tools.bag_writer:main",
             "infinipot-replay=infinipot_ros.tools.replay:main",

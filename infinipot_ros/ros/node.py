@@ -367,7 +367,7 @@ class AssistantNode(LifecycleNode):
             result = self._worker_or_raise().ask(request.question, timeout_s=self._timeout(request),
                                                  **self._ask_kwargs(request))
         except AskError as exc:
-            self.get_logger().info(f"/ask refused: {exc}")
+            self.get_logger().info(f"/ask refused: {exc}", throttle_duration_sec=2.0)
             return self._fill(response, None, str(exc), t0)
         except Exception as exc:  # a bad request never becomes a traceback for the caller
             self.get_logger().error(f"/ask failed: {type(exc).__name__}: {exc}")
@@ -431,7 +431,7 @@ class AssistantNode(LifecycleNode):
             out.answer, out.generated_tokens = "".join(job.partial).strip(), job.tokens
             return out
         if error:
-            self.get_logger().info(f"ask_stream goal failed: {error}")
+            self.get_logger().info(f"ask_stream goal failed: {error}", throttle_duration_sec=2.0)
             goal_handle.abort()
             return self._fill(result, None, error, t0)
         goal_handle.succeed()
