@@ -1,8 +1,10 @@
 """launch/assistant.launch.py with the real launch machinery (launch_testing).
 
-The node is started exactly as `ros2 launch infinipot_ros assistant.launch.py`
-starts it (installed executable, parameters YAML, launch arguments); the test
-waits for READY on the status topic, calls /ask, and checks the exit code.
+The node is started exactly as `ros2 launch infinipot_ros assistant.launch.py
+lifecycle:=true` starts it (installed executable, parameters YAML, launch arguments,
+configure + activate driven by the launch file's lifecycle events); the test waits
+for READY on the status topic, calls /ask, and checks the exit code. The plain node
+(lifecycle:=false) runs as a subprocess in test/tools/test_load.py and `make demo`.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ def generate_test_description():
             "namespace": NAMESPACE,
             "image_topic": "/launch_test/camera/image_raw",
             "log_level": "info",
+            "lifecycle": "true",
         }.items(),
     )
     return launch.LaunchDescription([include, launch_testing.actions.ReadyToTest()])
