@@ -1,8 +1,12 @@
 """Model adapters, one per multimodal LLM family, and the factory that picks one.
 
-``load_adapter("builtin:tiny-qwen2.5-vl")`` gives the embedded test model;
-an HF id (``Qwen/Qwen2.5-VL-3B-Instruct``) or a local directory gives real
-weights. Every transformers touch point lives in this package.
+``load_adapter("builtin:tiny-qwen2.5-vl")`` gives the embedded test model
+(``builtin:tiny-qwen2-vl`` and ``builtin:tiny-qwen3-vl`` the tiny models of the
+other families); an HF id (``Qwen/Qwen2.5-VL-3B-Instruct``,
+``Qwen/Qwen2-VL-2B-Instruct``, ``Qwen/Qwen3-VL-2B-Instruct``) or a local
+directory gives real weights, the family chosen by the config's
+``model_type`` (:data:`FAMILIES`). Every transformers touch point lives in
+this package.
 """
 from __future__ import annotations
 
@@ -14,10 +18,22 @@ import torch
 
 from .base import Answer, EncodedPatch, ModelAdapter, TokenCallback
 from .static_decode import DECODE_MODES
-from .tiny import BUILTIN_PREFIX, TINY_MODEL_NAME, build_tiny_qwen2_5_vl, default_cache_dir, resolve_model
+from . import tiny, tiny_families
+from .tiny import BUILTIN_PREFIX, TINY_MODEL_NAME, build_tiny_qwen2_5_vl, default_cache_dir
+from .tiny_families import build_tiny_qwen2_vl, build_tiny_qwen3_vl
 
 #: Default model: the tiny Qwen2.5-VL built locally (no download, random weights).
 DEFAULT_MODEL = BUILTIN_PREFIX + TINY_MODEL_NAME
+
+#: config ``model_type`` -> (module of this package, adapter class): the supported families.
+FAMILIES: dict[str, tuple[str, str]] = {
+    "qwen2_5_vl": ("qwen2_5_vl", "Qwen2_5_VLAdapter"),
+    "qwen2_vl": ("qwen2_vl", "Qwen2VLAdapter"),
+    "qwen3_vl": ("qwen3_vl", "Qwen3VLAdapter"),
+}
+
+#: Every ``builtin:`` model name (built locally on first use, no download).
+BUILTIN_MODELS = tuple(BUILTIN_PREFIX + n for n in (TINY_MODEL_NAME, *tiny_families.BUILDERS))
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -47,6 +63,41 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; choose auto or one of {sorted(_DTYPES)}") from None
 
 
+def resolve_model(name_or_path, cache_dir=None) -> str:
+    """Turn a model setting into something ``from_pretrained`` can load.
+
+    ``builtin:<name>`` -> its build directory under ``<cache_dir>/models/`` (built on
+    first use; ``cache_dir`` defaults to :func:`default_cache_dir`); a local directory
+    -> its path; anything else (an HF id) unchanged. See :func:`.tiny.resolve_model`.
+
+    Raises:
+        ValueError: an unknown ``builtin:`` name (the message lists :data:`BUILTIN_MODELS`).
+    """
+    text = os.fspath(name_or_path)
+    if text.startswith(BUILTIN_PREFIX):
+        name = text[len(BUILTIN_PREFIX):]
+        if name in tiny_families.BUILDERS:
+            return str(tiny_families.builtin_dir(name, cache_dir))
+        if text not in BUILTIN_MODELS:
+            raise ValueError(f"unknown builtin model {text!r}; known: {', '.join(BUILTIN_MODELS)}")
+    return tiny.resolve_model(text, cache_dir=cache_dir)
+
+
+def adapter_class(model_type: str) -> type:
+    """The adapter class of a config ``model_type``.
+
+    Raises:
+        ValueError: a family that is not supported (the message names the supported ones).
+    """
+    try:
+        module, cls = FAMILIES[model_type]
+    except KeyError:
+        raise ValueError(f"model family {model_type!r} is not supported (supported: {', '.join(FAMILIES)})") from None
+    import importlib
+
+    return getattr(importlib.import_module(f".{module}", __name__), cls)
+
+
 def _model_type(path: str, local_files_only: bool) -> str:
     cfg_file = os.path.join(path, "config.json")
     if os.path.isfile(cfg_file):
@@ -68,11 +119,13 @@ def load_adapter(
     """Load a model by builtin name, local path or HF id and wrap it in its family's adapter.
 
     Args:
-        model: ``builtin:tiny-qwen2.5-vl``, a directory, or an HF hub id.
+        model: a ``builtin:`` name (:data:`BUILTIN_MODELS`), a directory, or an HF hub id
+            of a supported family (:data:`FAMILIES`, by the config's ``model_type``).
         device, dtype: see :func:`resolve_device`, :func:`resolve_dtype`.
         local_files_only: never contact the hub; default: True unless
             HF_HUB_OFFLINE is "0" (robots are usually offline).
-        adapter_kwargs: max_pixels, min_pixels, system_prompt, decode_mode.
+        adapter_kwargs: max_pixels, min_pixels, system_prompt, decode_mode (and the
+            family's own, e.g. Qwen2-VL's ``temporal_ids_per_second``).
 
     Raises:
         ValueError: unknown builtin, dtype, device, or unsupported model family.
@@ -84,16 +137,17 @@ def load_adapter(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     model_type = _model_type(path, local_files_only)
-    if model_type == "qwen2_5_vl":
-        from .qwen2_5_vl import Qwen2_5_VLAdapter
-
-        adapter = Qwen2_5_VLAdapter(path, device=dev, dtype=dt, local_files_only=local_files_only, **adapter_kwargs)
-        adapter.model_id = model  # report the name the user gave, not the resolved cache path
-        return adapter
-    raise ValueError(f"model family {model_type!r} of {model!r} is not supported (supported: qwen2_5_vl)")
+    if model_type not in FAMILIES:
+        raise ValueError(f"model family {model_type!r} of {model!r} is not supported "
+                         f"(supported: {', '.join(FAMILIES)})")
+    cls = adapter_class(model_type)
+    adapter = cls(path, device=dev, dtype=dt, local_files_only=local_files_only, **adapter_kwargs)
+    adapter.model_id = model  # report the name the user gave, not the resolved cache path
+    return adapter
 
 
 __all__ = [
-    "Answer", "DECODE_MODES", "DEFAULT_MODEL", "EncodedPatch", "ModelAdapter", "TokenCallback", "build_tiny_qwen2_5_vl",
+    "Answer", "BUILTIN_MODELS", "DECODE_MODES", "DEFAULT_MODEL", "EncodedPatch", "FAMILIES", "ModelAdapter",
+    "TokenCallback", "adapter_class", "build_tiny_qwen2_5_vl", "build_tiny_qwen2_vl", "build_tiny_qwen3_vl",
     "default_cache_dir", "load_adapter", "resolve_device", "resolve_dtype", "resolve_model",
 ]

@@ -1,0 +1,250 @@
+"""Builders of the tiny offline models of the other families: Qwen2-VL and Qwen3-VL.
+
+Each is the real transformers architecture (``Qwen2VLForConditionalGeneration``,
+``Qwen3VLForConditionalGeneration``) with a small configuration, seeded random
+weights (initializer range 0.1, so value norms and key similarities differ
+between tokens) and the project's offline byte-level BPE tokenizer and chat
+template (:mod:`.tiny`). Written with ``save_pretrained`` and loaded back with
+the Auto classes, as real checkpoints are; no download, no GPU.
+
+Shared with the tiny Qwen2.5-VL (:mod:`.tiny`): the tokenizer (same corpus,
+same special-token ids), the chat template, the build directory protocol
+(temporary directory, file lock, marker file written last, atomic rename,
+refusal to replace a directory that is not a build). What differs:
+
+* ``tiny-qwen2-vl``: Qwen2-VL vision tower (full attention in every block,
+  LayerNorm + GELU blocks, LayerNorm + MLP merger; no window attention, no
+  ``tokens_per_second``), 14-pixel patches, a ``Qwen2VLProcessor``.
+* ``tiny-qwen3-vl``: Qwen3-VL vision tower (learned position grid resampled
+  per frame, DeepStack mergers on both blocks), 16-pixel patches, text stack
+  with q/k RMS norms and interleaved M-RoPE, a ``Qwen3VLProcessor`` (frame
+  timestamps as text) with a ``Qwen3VLVideoProcessor``.
+
+Public API: :data:`TINY_QWEN2_VL`, :data:`TINY_QWEN3_VL`, :data:`BUILDERS`,
+:func:`build_tiny_qwen2_vl`, :func:`build_tiny_qwen3_vl`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import uuid
+from typing import Callable, Optional
+
+from . import tiny
+from .tiny import PathLike
+
+TINY_QWEN2_VL = "tiny-qwen2-vl"
+TINY_QWEN3_VL = "tiny-qwen3-vl"
+
+#: Bump a family's version whenever anything that changes its written files changes.
+RECIPE_VERSIONS = {TINY_QWEN2_VL: 1, TINY_QWEN3_VL: 1}
+
+_REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                   "processor_config.json")
+_INIT_RANGE = 0.1  # value norms / key similarities vary per token (see docs/models-offline)
+
+# Text stack shared by both families: hidden 128, 4 layers, 4 query / 2 KV heads, head_dim 32.
+_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=32, hidden_act="silu", max_position_embeddings=32768,
+             initializer_range=_INIT_RANGE, rms_norm_eps=1e-6, use_cache=True, attention_dropout=0.0,
+             dtype="float32")
+
+
+def build_tiny_qwen2_vl(out_dir: PathLike, seed: int = 0, overwrite: bool = False) -> pathlib.Path:
+    """Build the tiny Qwen2-VL (model, tokenizer, processors, template) into ``out_dir``.
+
+    Same contract as :func:`~infinipot_ros.models.tiny.build_tiny_qwen2_5_vl`
+    (atomic, locked, a no-op when a complete build of this recipe version and
+    seed is there; same seed -> byte-identical weights).
+
+    Returns:
+        ``out_dir`` as an absolute path.
+
+    Raises:
+        FileExistsError: ``out_dir`` is a non-empty directory without a marker file.
+        NotADirectoryError: ``out_dir`` is a file.
+        OSError: on file-system errors.
+    """
+    return _build(out_dir, TINY_QWEN2_VL, seed, overwrite, _write_qwen2_vl)
+
+
+def build_tiny_qwen3_vl(out_dir: PathLike, seed: int = 0, overwrite: bool = False) -> pathlib.Path:
+    """Build the tiny Qwen3-VL into ``out_dir``; contract as :func:`build_tiny_qwen2_vl`."""
+    return _build(out_dir, TINY_QWEN3_VL, seed, overwrite, _write_qwen3_vl)
+
+
+#: Builtin name (after ``builtin:``) -> builder(out_dir, seed=0, overwrite=False).
+BUILDERS: dict[str, Callable[..., pathlib.Path]] = {
+    TINY_QWEN2_VL: build_tiny_qwen2_vl,
+    TINY_QWEN3_VL: build_tiny_qwen3_vl,
+}
+
+
+# --------------------------------------------------------------------------- #
+# Build directory protocol (the helpers of .tiny, keyed by recipe name)
+# --------------------------------------------------------------------------- #
+def _build(out_dir: PathLike, recipe: str, seed: int, overwrite: bool,
+           write: Callable[[pathlib.Path, int], None]) -> pathlib.Path:
+    out = pathlib.Path(out_dir).expanduser().absolute()
+    seed = int(seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tiny._build_lock(out):
+        if not overwrite and _is_complete(out, recipe, seed):
+            return out
+        tiny._check_replaceable(out)
+        tiny._remove_stale_temps(out)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            write(tmp, seed)
+            _write_marker(tmp, recipe, seed)
+            tiny._swap_into_place(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _is_complete(directory: pathlib.Path, recipe: str, seed: int) -> bool:
+    marker = tiny._read_marker(directory)
+    if marker is None or marker.get("recipe") != recipe or marker.get("seed") != seed \
+            or marker.get("recipe_version") != RECIPE_VERSIONS[recipe]:
+        return False
+    return all((directory / name).is_file() for name in _REQUIRED_FILES)
+
+
+def _write_marker(directory: pathlib.Path, recipe: str, seed: int) -> None:
+    import tokenizers
+    import torch
+    import transformers
+
+    marker = {"recipe": recipe, "recipe_version": RECIPE_VERSIONS[recipe], "seed": seed,
+              "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
+              "torch": torch.__version__}
+    part = directory / (tiny.MARKER_FILE + ".part")
+    with open(part, "w", encoding="utf-8") as handle:
+        json.dump(marker, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(part, directory / tiny.MARKER_FILE)
+    tiny._fsync_tree(directory)
+
+
+def _save(directory: pathlib.Path, model_cls, config, processor, tokenizer, seed: int) -> None:
+    """Seeded fp32 CPU init of ``model_cls(config)``, generation config, then save model and processor."""
+    import torch
+    import transformers
+
+    with tiny._fork_rng(torch), tiny._float32_on_cpu(torch):
+        torch.manual_seed(seed)
+        model = model_cls(config)
+    model.eval()
+    text = config.text_config
+    model.generation_config = transformers.GenerationConfig(
+        bos_token_id=text.bos_token_id,
+        eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")],
+        pad_token_id=text.pad_token_id,
+        do_sample=False,
+    )
+    model.save_pretrained(directory, safe_serialization=True)
+    processor.save_pretrained(directory)
+
+
+def _token_ids(tokenizer) -> dict:
+    def tid(token: str) -> int:
+        return int(tokenizer.convert_tokens_to_ids(token))
+
+    return dict(image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
+                vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"))
+
+
+def _text_config(tokenizer, rope_parameters: dict, **extra) -> dict:
+    eot, eos = tokenizer.convert_tokens_to_ids("<|endoftext|>"), tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return dict(_TEXT, vocab_size=len(tokenizer), rope_parameters=rope_parameters, bos_token_id=eot,
+                eos_token_id=eos, pad_token_id=eot, **extra)
+
+
+# --------------------------------------------------------------------------- #
+# Qwen2-VL
+# --------------------------------------------------------------------------- #
+def _write_qwen2_vl(directory: pathlib.Path, seed: int) -> None:
+    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
+                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
+    tokenizer = tiny._build_tokenizer()
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config = Qwen2VLConfig(
+        # mrope_section sums to head_dim / 2 = 16 (temporal, height, width), as [16, 24, 24] does for 128.
+        text_config=_text_config(tokenizer, {"rope_type": "default", "rope_theta": 1000000.0,
+                                             "mrope_section": [4, 6, 6]},
+                                 use_sliding_window=False, max_window_layers=4),
+        vision_config=dict(depth=2, embed_dim=64, hidden_size=128, hidden_act="quick_gelu", mlp_ratio=2,
+                           num_heads=4, in_channels=3, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, initializer_range=_INIT_RANGE),
+        tie_word_embeddings=True,  # as in Qwen2-VL-2B-Instruct
+        bos_token_id=eot, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=eot,
+        dtype="float32", **_token_ids(tokenizer),
+    )
+    config._attn_implementation = "sdpa"
+    # Pixel bounds of Qwen2-VL-2B-Instruct's preprocessor_config.json (as the tiny Qwen2.5-VL's).
+    common = dict(min_pixels=tiny.MIN_PIXELS, max_pixels=tiny.MAX_PIXELS, patch_size=14, temporal_patch_size=2,
+                  merge_size=2)
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**common), tokenizer=tokenizer,
+                                 video_processor=Qwen2VLVideoProcessor(**common), chat_template=tiny.CHAT_TEMPLATE)
+    _save(directory, Qwen2VLForConditionalGeneration, config, processor, tokenizer, seed)
+
+
+# --------------------------------------------------------------------------- #
+# Qwen3-VL
+# --------------------------------------------------------------------------- #
+#: Pixel bounds of Qwen3-VL-2B-Instruct's processor files: images 64K..16M pixels,
+#: videos 4K..24M pixels for the whole clip (the Qwen3-VL video resize budgets
+#: all frames together; the adapter budgets one temporal patch).
+QWEN3_IMAGE_SIZE = {"shortest_edge": 65536, "longest_edge": 16777216}
+QWEN3_VIDEO_SIZE = {"shortest_edge": 4096, "longest_edge": 25165824}
+
+
+def _write_qwen3_vl(directory: pathlib.Path, seed: int) -> None:
+    from transformers import (Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                              Qwen3VLProcessor, Qwen3VLVideoProcessor)
+
+    tokenizer = tiny._build_tokenizer()
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config = Qwen3VLConfig(
+        # Interleaved M-RoPE: frequency j rotates by the temporal, height or width id in turn;
+        # mrope_section [6, 5, 5] sums to head_dim / 2 = 16, in the ratio of the real [24, 20, 20].
+        text_config=_text_config(tokenizer, {"rope_type": "default", "rope_theta": 5000000.0,
+                                             "mrope_section": [6, 5, 5], "mrope_interleaved": True},
+                                 attention_bias=False),
+        # DeepStack on both blocks: their merged features are added to decoder layers 0 and 1.
+        vision_config=dict(depth=2, hidden_size=64, hidden_act="gelu_pytorch_tanh", intermediate_size=128,
+                           num_heads=4, in_channels=3, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                           out_hidden_size=128, num_position_embeddings=64, deepstack_visual_indexes=[0, 1],
+                           initializer_range=_INIT_RANGE),
+        tie_word_embeddings=True,  # as in Qwen3-VL-2B/4B-Instruct
+        dtype="float32", **_token_ids(tokenizer),
+    )
+    config.text_config.bos_token_id = eot
+    config._attn_implementation = "sdpa"
+    # Qwen3-VL normalises pixels with mean = std = 0.5 (its processor files), not the CLIP values of Qwen2-VL.
+    common = dict(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=dict(QWEN3_IMAGE_SIZE), **common),
+        tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(size=dict(QWEN3_VIDEO_SIZE), **common),
+        chat_template=tiny.CHAT_TEMPLATE,
+    )
+    _save(directory, Qwen3VLForConditionalGeneration, config, processor, tokenizer, seed)
+
+
+def builtin_dir(name: str, cache_dir: Optional[PathLike] = None) -> pathlib.Path:
+    """``<cache_dir>/models/<name>`` (default :func:`~infinipot_ros.models.tiny.default_cache_dir`), built on first use.
+
+    Raises:
+        KeyError: ``name`` is not in :data:`BUILDERS`.
+    """
+    root = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else tiny.default_cache_dir()
+    return BUILDERS[name](root / "models" / name)
