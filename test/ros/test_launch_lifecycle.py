@@ -50,13 +50,18 @@ def _video() -> str:
 
 def _cli(*args, timeout=90, retries=4):
     """Run a real command; ros2 commands without a daemon discover the graph themselves: retry when too slow."""
+    rc, text = 1, ""
     for _ in range(retries):
-        out = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
-        text = out.stdout + out.stderr
+        try:
+            out = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:  # a loaded machine can stall one start-up of the CLI
+            rc, text = 1, f"timed out: {exc}"
+            continue
+        rc, text = out.returncode, out.stdout + out.stderr
         if "Node not found" not in text and "was not available" not in text:
             break
         time.sleep(1.0)
-    return out.returncode, text
+    return rc, text
 
 
 def _ros2(*args, **kw):
