@@ -132,7 +132,7 @@ def test_malformed_frames_are_counted_not_fatal(graph, vtest_frames):
     node, client, pubs, ask, statuses = graph
     frames, stamps = vtest_frames
     bad = rgb_to_image_msg(frames[0], stamps[0], "front")
-    bad.encoding = "yuv422"
+    bad.encoding = "32FC1"  # a float (depth) image: refused as such
     pubs[FRONT].publish(bad)
     time.sleep(0.1)
     truncated = rgb_to_image_msg(frames[1], stamps[1], "front")
