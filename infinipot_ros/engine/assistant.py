@@ -375,6 +375,13 @@ class StreamingAssistant:
         compressions_before = self.cache.compressions
         cuda = self.adapter.device.type == "cuda"
         try:
+            if self.config.rebase_position_threshold:  # unbounded uptime: keep temporal positions under the threshold
+                shift_ns = self.adapter.rebase_positions(self.cache, seconds, self.config.rebase_position_threshold)
+                if shift_ns:  # the cache moved down: the stream clock moves with it
+                    self._origin_ns += shift_ns
+                    seconds = max(0.0, (first_stamp - self._origin_ns) / 1e9)
+                    log.info("re-based stream positions by %d (re-base %d)", self.cache.last_rebase.delta,
+                             self.cache.rebases)
             patch = self.adapter.encode_patch([f for f, _ in group])
             if cuda:  # split encode from prefill honestly: wait for the vision tower
                 torch.cuda.synchronize(self.adapter.device)

@@ -64,6 +64,13 @@ class EngineConfig:
             written by ``save_memory`` ("" = none).
         autosave_s: > 0 saves the memory to ``snapshot_path`` every this many seconds
             (atomically); 0 = only on request.
+        rebase_position_threshold: T, the largest temporal M-RoPE position a chunk may
+            get; a chunk that would pass it first re-bases the stream (cached tokens and
+            stream clock move down, the prefix stays; see models/qwen2_5_vl.py), so a
+            stream can run for days. 0 = never. Default 16384: Qwen2.5-VL's long-context
+            training used sequences up to 32768 tokens, so positions up to T plus a
+            question and answer stay at half of that; re-bases come at least T / 2 positions
+            apart (68 minutes of stream at Qwen2.5-VL's 2 positions/s). Must be 0 or >= 1024.
     """
 
     model: str = DEFAULT_MODEL
@@ -93,6 +100,7 @@ class EngineConfig:
     max_ingest_gap_s: float = 2.0
     snapshot_path: str = ""
     autosave_s: float = 0.0
+    rebase_position_threshold: int = 16384
 
     def __post_init__(self) -> None:
         if self.policy != "none" and self.policy not in POLICIES:
@@ -127,6 +135,9 @@ class EngineConfig:
             raise ValueError("autosave_s > 0 needs a snapshot_path")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.rebase_position_threshold != 0 and self.rebase_position_threshold < 1024:
+            raise ValueError(f"rebase_position_threshold must be 0 (never) or >= 1024 (room after the prefix), "
+                             f"got {self.rebase_position_threshold}")
         if self.reserve_tokens < 0:
             raise ValueError(f"reserve_tokens must be >= 0, got {self.reserve_tokens}")
         self.pool_kernels = tuple(tuple(int(x) for x in k) for k in self.pool_kernels)  # type: ignore[assignment]

@@ -33,6 +33,7 @@ import torch
 from . import triton_kernels
 from .layout import ChunkTable, VisionChunk, VisionLayout
 from .policy import ScoringPolicy
+from .rope import shift_rotary_keys_
 from .selection import gather_kept, keep_topk
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,17 @@ class CompressionEvent:
     after: int  # vision tokens after (C)
     ms: float  # wall time of the whole compression, all layers (ms)
     chunks_dropped: int  # chunks that lost their last token
+
+
+@dataclass(frozen=True)
+class RebaseEvent:
+    """What one re-base did (:meth:`CappedKVCache.rebase`); positions are position ids."""
+
+    delta: int  # largest shift: the stream (and its clock) moved down by this many positions
+    clamped_chunks: int  # chunks moved by less than delta (they would have fallen below the prefix's end)
+    min_position: int  # smallest first position of a cached chunk after the shift (-1: no chunk)
+    max_position: int  # largest position id of a cached chunk after the shift (-1: no chunk)
+    ms: float  # wall time of the key rotation and bookkeeping (ms)
 
 
 @dataclass(frozen=True)
@@ -248,6 +260,8 @@ class CappedKVCache:
         self.compressions = 0
         self.tokens_evicted = 0
         self.last_compression: Optional[CompressionEvent] = None
+        self.rebases = 0  # re-bases of the stream's positions (:meth:`rebase`), not part of the state
+        self.last_rebase: Optional[RebaseEvent] = None
 
     # ------------------------------------------------------------------ writes
     # Every tensor write runs under inference mode: a KV cache never needs
@@ -512,6 +526,73 @@ class CappedKVCache:
         self.compressions += 1
         self.tokens_evicted += before - keep
         self.last_compression = event
+        return event
+
+    # ---------------------------------------------------------------- re-base
+    @torch.inference_mode()
+    def rebase(
+        self,
+        delta: torch.Tensor,
+        *,
+        inv_freq: torch.Tensor,
+        pairs: Sequence[tuple[int, int]],
+        fixed_max_position: torch.Tensor,
+        stream_delta: Optional[int] = None,
+    ) -> RebaseEvent:
+        """Move every cached vision token from position p to p - delta[its chunk], in place; the prefix stays.
+
+        The keys of the vision slots of every layer, [L, B, H_kv, V, D], are
+        rotated by -delta x theta_i in the frequency pairs ``pairs`` (M-RoPE:
+        the temporal section; see :func:`~.rope.shift_rotary_keys_`), in one
+        pass with no host synchronisation; values, value norms and token ids
+        do not change. The chunk table's ``position`` / ``max_position``
+        columns move with them (:meth:`ChunkTable.shift_positions`). Which
+        delta to use is the model adapter's rule; positions of text and chunks
+        appended later must move by the same delta (the caller's stream clock).
+
+        Args:
+            delta: [R] integers >= 0, one per live chunk (table order, oldest first), positions.
+            inv_freq: [D/2] rotary frequencies theta_i (radians per position) the model uses.
+            pairs: [lo, hi) frequency-pair ranges that carry the shifted position id.
+            fixed_max_position: [R] integers, each chunk's largest position id on the axes that do not move.
+            stream_delta: how far the caller moves its stream clock (reported as the event's delta);
+                default: the largest chunk delta.
+
+        Returns:
+            The event (also ``last_rebase``; ``rebases`` counts them).
+
+        Raises:
+            CacheStateError: before the prefix, inside a scratch block or while a chunk is appended.
+            ValueError: tensors that are not [R], or a negative delta.
+        """
+        if not self._prefix_done:
+            raise CacheStateError("write the prefix before re-basing")
+        if self._scratch_depth or self._appending_vision:
+            raise CacheStateError("cannot re-base while a question or a chunk is being processed")
+        n = len(self.table)
+        delta = delta.to("cpu", torch.long).reshape(-1)
+        if delta.shape[0] != n or tuple(fixed_max_position.shape) != (n,):
+            raise ValueError(f"rebase needs one delta and one fixed max position per live chunk ({n}), got "
+                             f"{tuple(delta.shape)} / {tuple(fixed_max_position.shape)}")
+        if n and int(delta.min()) < 0:
+            raise ValueError("rebase moves positions down only (delta >= 0)")
+        t0 = time.perf_counter()
+        p, v = self._prefix_len, self._vision_len
+        if n and v and self._keys is not None:
+            index = self.table.chunk_index(self._token_ids[..., :v])  # [L, B, H_kv, V] row of each token's chunk
+            shift_rotary_keys_(self._keys[..., p : p + v, :], delta, inv_freq, pairs, index=index)
+        self.table.shift_positions(delta, fixed_max_position)
+        top = int(delta.max()) if n else 0
+        if stream_delta is not None:
+            top = int(stream_delta)
+        event = RebaseEvent(
+            delta=top, clamped_chunks=int((delta < top).sum()) if n else 0,
+            min_position=int(self.table.column("position").min()) if n else -1,
+            max_position=int(self.table.column("max_position").max()) if n else -1,
+            ms=(time.perf_counter() - t0) * 1e3,
+        )
+        self.rebases += 1
+        self.last_rebase = event
         return event
 
     # ------------------------------------------------------------------- state

@@ -237,6 +237,31 @@ class ChunkTable:
             self._lookup = None
         return n - kept
 
+    def shift_positions(self, delta: torch.Tensor, fixed_max_position: torch.Tensor) -> None:
+        """Move every live chunk's first (temporal) position down by ``delta`` (a re-base).
+
+        ``position`` becomes position - delta; ``max_position`` becomes
+        max(max_position - delta, fixed_max_position): the largest id over the
+        shifted axis and the axes that do not move.
+
+        Args:
+            delta: [R] integer shift per live chunk (oldest first), positions.
+            fixed_max_position: [R] integer largest position id of each chunk on the
+                axes that stay (M-RoPE: height / width).
+
+        Raises:
+            ValueError: tensors that are not [R].
+        """
+        n = self._n
+        if tuple(delta.shape) != (n,) or tuple(fixed_max_position.shape) != (n,):
+            raise ValueError(f"shift_positions needs [{n}] tensors, got {tuple(delta.shape)} / "
+                             f"{tuple(fixed_max_position.shape)}")
+        d = delta.to("cpu", torch.long)
+        pos, top = self._data[_COL["position"], :n], self._data[_COL["max_position"], :n]
+        pos -= d
+        top.copy_(torch.maximum(top - d, fixed_max_position.to("cpu", torch.long)))
+        # the device lookup holds no positions: it stays valid
+
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The table as CPU tensors: one [R] int64 tensor per column of :data:`TABLE_COLUMNS` (R = live chunks,

@@ -15,6 +15,21 @@ stream's first frame (grid rows x cols after the 2x2 merge): temporal
 ``P + floor(s * tokens_per_second)``, height ``P + row``, width ``P + col``,
 which is what the model's ``get_rope_index`` gives a video sampled at the
 same instants. Text after the video starts at max(position) + 1.
+
+Re-basing (unbounded uptime): temporal positions grow with stream time (2 per
+second for Qwen2.5-VL). When the next chunk's temporal position would pass a
+threshold T, :meth:`Qwen2_5_VLAdapter.rebase_positions` moves the stream down
+by delta: every cached vision token's temporal position t becomes
+max(t - delta, P) (its key's temporal rotary section is rotated by the
+difference, :mod:`infinipot_ros.kv.rope`; height/width do not move), and the
+engine moves its stream clock by delta / tokens_per_second, so later chunks
+and questions continue from the shifted positions exactly as ``get_rope_index``
+positions a video made of the cached chunks. The protected prefix (positions
+0..P-1) never moves: the stream stays at or above P, after it.
+delta = max(t_min - P, t_next - P - T // 2): the oldest cached chunk moves to
+P; if the cache spans more than T / 2 positions, the next chunk moves to
+P + T / 2 instead and chunks older than that are clamped to P. See
+:meth:`Qwen2_5_VLAdapter.plan_rebase`.
 """
 from __future__ import annotations
 
@@ -28,6 +43,8 @@ import numpy as np
 import torch
 
 from ..kv import CappedKVCache, VisionChunk
+from ..kv.cache import RebaseEvent
+from ..kv.rope import TEMPORAL, section_pairs
 from .base import Answer, EncodedPatch, ModelAdapter, TokenCallback
 from .detokenize import IncrementalDetokenizer
 from .static_decode import ALLOWED_KW, DECODE_MODES, StaticDecodeStep, static_step_attention
@@ -200,6 +217,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         self.system_prompt = system_prompt
 
         self._lm = self.model.model.language_model
+        self.rope_inv_freq, self.mrope_section = self._rotary_layout(text_cfg)
         self._cache_kw = "cache" if "cache" in inspect.signature(self._lm.forward).parameters else "past_key_values"
         self._video_kwargs = self._video_processor_kwargs()
         self._prefix_text, self._suffix_template = self._split_template()
@@ -209,6 +227,26 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         self.num_decodable = min(len(self.tokenizer), int(self.model.config.text_config.vocab_size
                                                           if hasattr(self.model.config, "text_config")
                                                           else self.model.config.vocab_size))
+
+    def _rotary_layout(self, text_cfg) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """([D/2] float32 CPU rotary frequencies theta_i in rad/position, M-RoPE sections in pairs) of the LM.
+
+        From the model's own rotary embedding when it exposes them (transformers 5.x:
+        ``rotary_emb.inv_freq`` / ``mrope_section``), else from the config (default RoPE).
+        """
+        rope = dict(getattr(text_cfg, "rope_parameters", None) or getattr(text_cfg, "rope_scaling", None) or {})
+        emb = getattr(self._lm, "rotary_emb", None)
+        section = getattr(emb, "mrope_section", None) or rope.get("mrope_section")
+        inv_freq = getattr(emb, "inv_freq", None)
+        if inv_freq is None:
+            base = float(rope.get("rope_theta", getattr(text_cfg, "rope_theta", 10000.0)))
+            inv_freq = 1.0 / (base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
+        self._rope_type = str(getattr(emb, "rope_type", None) or rope.get("rope_type", "default"))
+        inv_freq = inv_freq.detach().to("cpu", torch.float32).clone()
+        if section is None or sum(int(x) for x in section) != inv_freq.numel():
+            raise RuntimeError(f"{self.model_id}: M-RoPE sections {section} do not cover the "
+                               f"{inv_freq.numel()} rotary frequency pairs")
+        return inv_freq, tuple(int(x) for x in section)
 
     # ------------------------------------------------------------- templates
     def _render(self, question: str) -> str:
@@ -336,6 +374,72 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         """First position after everything cached: max(position) + 1 (prefix only: its length)."""
         top = cache.table.max_position()
         return cache.prefix_length if top is None else top + 1
+
+    # ---------------------------------------------------------------- re-base
+    def plan_rebase(self, cache: CappedKVCache, next_position: int, threshold: int) -> int:
+        """How far to move the stream down before a chunk at temporal position ``next_position``; 0 = not needed.
+
+        Needed when ``next_position`` > ``threshold`` (T; 0 = never). Then, with P the
+        prefix length and t_min the smallest temporal position of a cached chunk,
+        delta = max(t_min - P, next_position - P - T // 2): the oldest cached chunk
+        lands at P (the prefix's end; nothing clamped), unless the cached chunks
+        span more than T / 2 positions, in which case the next chunk lands at
+        P + T // 2 and older chunks stop at P (:meth:`rebase`). Either way the next
+        chunk lands at or below P + T // 2 < T.
+
+        Raises:
+            ValueError: a threshold that leaves no room after the prefix (P >= T - T // 2).
+        """
+        if threshold <= 0 or next_position <= threshold:
+            return 0
+        p = cache.prefix_length
+        if p >= threshold - threshold // 2:
+            raise ValueError(f"rebase_position_threshold={threshold} leaves no room after the {p}-token prefix: "
+                             f"it must be more than twice the prefix length")
+        lowest = cache.table.column("position")
+        t_min = int(lowest.min()) if lowest.numel() else next_position
+        return max(t_min - p, next_position - p - threshold // 2)
+
+    def rebase(self, cache: CappedKVCache, delta: int) -> RebaseEvent:
+        """Move the cached stream down by ``delta`` temporal positions, in place; the prefix stays.
+
+        A chunk at temporal position t moves to max(t - delta, P) (P = prefix length):
+        its tokens' keys are rotated by -(its shift) x theta_i in the temporal
+        section of M-RoPE only (:func:`~infinipot_ros.kv.rope.section_pairs` of
+        ``mrope_section``); height and width positions (P + row, P + col) stay. The
+        caller moves its stream clock by ``delta`` (:meth:`rebase_positions` gives it in ns).
+
+        Raises:
+            ValueError: delta < 0.
+            NotImplementedError: a rotary scaling whose frequencies depend on the sequence length.
+        """
+        if delta < 0:
+            raise ValueError(f"rebase moves positions down only, got delta={delta}")
+        if self._rope_type.startswith("dynamic") or self._rope_type == "longrope":
+            raise NotImplementedError(f"re-basing needs fixed rotary frequencies, not rope_type={self._rope_type!r}")
+        p, table = cache.prefix_length, cache.table
+        per_chunk = torch.clamp(table.column("position") - p, min=0).clamp(max=delta)
+        fixed = p + torch.maximum(table.column("grid_h"), table.column("grid_w")) - 1
+        return cache.rebase(per_chunk, inv_freq=self.rope_inv_freq, pairs=section_pairs(self.mrope_section, TEMPORAL),
+                            fixed_max_position=fixed, stream_delta=delta)
+
+    def rebase_positions(self, cache: CappedKVCache, seconds: float, threshold: int) -> int:
+        """Re-base the stream if a chunk ``seconds`` after the stream origin would pass ``threshold``.
+
+        Args:
+            seconds: time of the next chunk's first frame since the stream clock's origin (s).
+            threshold: T, largest temporal position a chunk may get (0 = never re-base).
+
+        Returns:
+            How far the stream clock's origin must move forward (ns): delta / tokens_per_second;
+            0 when nothing was done. The caller must apply it before computing the chunk's seconds.
+        """
+        nxt = int(self.chunk_positions(cache.prefix_length, seconds, 1, 1)[0, 0])
+        delta = self.plan_rebase(cache, nxt, threshold)
+        if delta <= 0:
+            return 0
+        self.rebase(cache, delta)
+        return int(round(delta * 1e9 / self.tokens_per_second))
 
     # --------------------------------------------------------------- forwards
     def _forward(

@@ -104,6 +104,11 @@ PARAMETERS: List[Param] = [
     Param("cache.autosave_s", "autosave_s",
           "> 0: save the memory to cache.snapshot_path every this many seconds (atomically); 0 = on request only",
           (0.0, 1e6)),
+    Param("cache.rebase_position_threshold", "rebase_position_threshold",
+          "largest temporal M-RoPE position a chunk may get; a chunk past it first re-bases the stream (cached "
+          "positions and stream clock move down, system prompt stays) so the node can run for days; 0 = never, "
+          "else >= 1024 (default 16384: half of Qwen2.5-VL's 32768-token long-context training length)",
+          (0, 1 << 30)),
     Param("stream.image_topics", "image_topics",
           "camera topics; names ending in /compressed subscribe sensor_msgs/CompressedImage, others sensor_msgs/Image"),
     Param("stream.frame_rate_hz", "frame_rate_hz",
