@@ -1,10 +1,11 @@
 """Model adapters, one per multimodal LLM family, and the factory that picks one.
 
 ``load_adapter("builtin:tiny-qwen2.5-vl")`` gives the embedded test model
-(``builtin:tiny-qwen2-vl`` and ``builtin:tiny-qwen3-vl`` the tiny models of the
-other families); an HF id (``Qwen/Qwen2.5-VL-3B-Instruct``,
-``Qwen/Qwen2-VL-2B-Instruct``, ``Qwen/Qwen3-VL-2B-Instruct``) or a local
-directory gives real weights, the family chosen by the config's
+(``builtin:tiny-qwen2-vl``, ``builtin:tiny-qwen3-vl`` and
+``builtin:tiny-llava-onevision`` the tiny models of the other families); an HF
+id (``Qwen/Qwen2.5-VL-3B-Instruct``, ``Qwen/Qwen2-VL-2B-Instruct``,
+``Qwen/Qwen3-VL-2B-Instruct``, ``llava-hf/llava-onevision-qwen2-0.5b-ov-hf``)
+or a local directory gives real weights, the family chosen by the config's
 ``model_type`` (:data:`FAMILIES`). Every transformers touch point lives in
 this package.
 """
@@ -20,7 +21,7 @@ from .base import Answer, EncodedPatch, ModelAdapter, TokenCallback
 from .static_decode import DECODE_MODES
 from . import tiny, tiny_families
 from .tiny import BUILTIN_PREFIX, TINY_MODEL_NAME, build_tiny_qwen2_5_vl, default_cache_dir
-from .tiny_families import build_tiny_qwen2_vl, build_tiny_qwen3_vl
+from .tiny_families import build_tiny_llava_onevision, build_tiny_qwen2_vl, build_tiny_qwen3_vl
 
 #: Default model: the tiny Qwen2.5-VL built locally (no download, random weights).
 DEFAULT_MODEL = BUILTIN_PREFIX + TINY_MODEL_NAME
@@ -30,6 +31,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "qwen2_5_vl": ("qwen2_5_vl", "Qwen2_5_VLAdapter"),
     "qwen2_vl": ("qwen2_vl", "Qwen2VLAdapter"),
     "qwen3_vl": ("qwen3_vl", "Qwen3VLAdapter"),
+    "llava_onevision": ("llava_onevision", "LlavaOneVisionAdapter"),
 }
 
 #: Every ``builtin:`` model name (built locally on first use, no download).
@@ -148,6 +150,7 @@ def load_adapter(
 
 __all__ = [
     "Answer", "BUILTIN_MODELS", "DECODE_MODES", "DEFAULT_MODEL", "EncodedPatch", "FAMILIES", "ModelAdapter",
-    "TokenCallback", "adapter_class", "build_tiny_qwen2_5_vl", "build_tiny_qwen2_vl", "build_tiny_qwen3_vl",
+    "TokenCallback", "adapter_class", "build_tiny_llava_onevision", "build_tiny_qwen2_5_vl", "build_tiny_qwen2_vl",
+    "build_tiny_qwen3_vl",
     "default_cache_dir", "load_adapter", "resolve_device", "resolve_dtype", "resolve_model",
 ]

@@ -1,7 +1,8 @@
-"""Builders of the tiny offline models of the other families: Qwen2-VL and Qwen3-VL.
+"""Builders of the tiny offline models of the other families: Qwen2-VL, Qwen3-VL and LLaVA-OneVision.
 
 Each is the real transformers architecture (``Qwen2VLForConditionalGeneration``,
-``Qwen3VLForConditionalGeneration``) with a small configuration, seeded random
+``Qwen3VLForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``)
+with a small configuration, seeded random
 weights (initializer range 0.1, so value norms and key similarities differ
 between tokens) and the project's offline byte-level BPE tokenizer and chat
 template (:mod:`.tiny`). Written with ``save_pretrained`` and loaded back with
@@ -19,9 +20,16 @@ refusal to replace a directory that is not a build). What differs:
   per frame, DeepStack mergers on both blocks), 16-pixel patches, text stack
   with q/k RMS norms and interleaved M-RoPE, a ``Qwen3VLProcessor`` (frame
   timestamps as text) with a ``Qwen3VLVideoProcessor``.
+* ``tiny-llava-onevision``: SigLIP vision tower (no pooling head, 14-pixel
+  patches on a 182 x 182 input: a 13 x 13 patch grid, pooled 2x2 bilinear to
+  7 x 7 = 49 tokens per video frame, as the released 384 x 384 input gives
+  27 x 27 -> 14 x 14), a 2-layer GELU projector and a Qwen2 text stack (plain
+  1-D RoPE); the tokenizer gains ``<image>`` and ``<video>`` after the Qwen
+  specials (as in llava-onevision-qwen2), the chat template renders LLaVA-OV's
+  prompt layout (:data:`LLAVA_OV_CHAT_TEMPLATE`), a ``LlavaOnevisionProcessor``.
 
-Public API: :data:`TINY_QWEN2_VL`, :data:`TINY_QWEN3_VL`, :data:`BUILDERS`,
-:func:`build_tiny_qwen2_vl`, :func:`build_tiny_qwen3_vl`.
+Public API: :data:`TINY_QWEN2_VL`, :data:`TINY_QWEN3_VL`, :data:`TINY_LLAVA_ONEVISION`, :data:`BUILDERS`,
+:func:`build_tiny_qwen2_vl`, :func:`build_tiny_qwen3_vl`, :func:`build_tiny_llava_onevision`.
 """
 from __future__ import annotations
 
@@ -37,9 +45,10 @@ from .tiny import PathLike
 
 TINY_QWEN2_VL = "tiny-qwen2-vl"
 TINY_QWEN3_VL = "tiny-qwen3-vl"
+TINY_LLAVA_ONEVISION = "tiny-llava-onevision"
 
 #: Bump a family's version whenever anything that changes its written files changes.
-RECIPE_VERSIONS = {TINY_QWEN2_VL: 1, TINY_QWEN3_VL: 1}
+RECIPE_VERSIONS = {TINY_QWEN2_VL: 1, TINY_QWEN3_VL: 1, TINY_LLAVA_ONEVISION: 1}
 
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                    "processor_config.json")
@@ -75,10 +84,16 @@ def build_tiny_qwen3_vl(out_dir: PathLike, seed: int = 0, overwrite: bool = Fals
     return _build(out_dir, TINY_QWEN3_VL, seed, overwrite, _write_qwen3_vl)
 
 
+def build_tiny_llava_onevision(out_dir: PathLike, seed: int = 0, overwrite: bool = False) -> pathlib.Path:
+    """Build the tiny LLaVA-OneVision into ``out_dir``; contract as :func:`build_tiny_qwen2_vl`."""
+    return _build(out_dir, TINY_LLAVA_ONEVISION, seed, overwrite, _write_llava_onevision)
+
+
 #: Builtin name (after ``builtin:``) -> builder(out_dir, seed=0, overwrite=False).
 BUILDERS: dict[str, Callable[..., pathlib.Path]] = {
     TINY_QWEN2_VL: build_tiny_qwen2_vl,
     TINY_QWEN3_VL: build_tiny_qwen3_vl,
+    TINY_LLAVA_ONEVISION: build_tiny_llava_onevision,
 }
 
 
@@ -238,6 +253,70 @@ def _write_qwen3_vl(directory: pathlib.Path, seed: int) -> None:
         chat_template=tiny.CHAT_TEMPLATE,
     )
     _save(directory, Qwen3VLForConditionalGeneration, config, processor, tokenizer, seed)
+
+
+# --------------------------------------------------------------------------- #
+# LLaVA-OneVision
+# --------------------------------------------------------------------------- #
+#: Square input side of the tiny SigLIP tower (13 x 13 patches of 14 px; the released models: 384 = 27 x 14 + 6).
+LLAVA_OV_IMAGE_SIZE = 182
+
+#: LLaVA-OneVision's prompt layout (llava-onevision-qwen2-*-hf): ``<|im_start|>{role}\n``, then the turn's
+#: images, videos (one ``<video>`` each, which the processor expands) and texts in that order, ``<|im_end|>\n``.
+LLAVA_OV_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'video' %}<video>\n{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _write_llava_onevision(directory: pathlib.Path, seed: int) -> None:
+    from tokenizers import AddedToken
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor)
+
+    tokenizer = tiny._build_tokenizer()
+    # <image>, <video> right after the Qwen specials (151646, 151647 in llava-onevision-qwen2).
+    extra = list(getattr(tokenizer, "extra_special_tokens", None) or tokenizer.additional_special_tokens)
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in ("<image>", "<video>")],
+                         special_tokens=True)
+    tokenizer.add_special_tokens({"additional_special_tokens": extra + ["<image>", "<video>"]})
+    tokenizer.chat_template = LLAVA_OV_CHAT_TEMPLATE
+    image_id, video_id = tokenizer.convert_tokens_to_ids("<image>"), tokenizer.convert_tokens_to_ids("<video>")
+    if (image_id, video_id) != (len(tokenizer) - 2, len(tokenizer) - 1):
+        raise RuntimeError(f"<image>/<video> got ids {image_id}/{video_id}, expected the last two of {len(tokenizer)}")
+    side = LLAVA_OV_IMAGE_SIZE
+    config = LlavaOnevisionConfig(
+        text_config=dict(_text_config(tokenizer, {"rope_type": "default", "rope_theta": 1000000.0},
+                                      use_sliding_window=False, max_window_layers=4, tie_word_embeddings=True),
+                         model_type="qwen2"),
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4, patch_size=14, image_size=side,
+                           vision_use_head=False),
+        image_token_index=image_id, video_token_index=video_id,
+        vision_feature_select_strategy="full", vision_feature_layer=-1,  # as llava-onevision-qwen2-0.5b-ov-hf
+        image_grid_pinpoints=[[side * i, side * j] for i in range(1, 4) for j in range(1, 4)],
+        tie_word_embeddings=True,  # as llava-onevision-qwen2-0.5b-ov-hf (Qwen2-0.5B)
+        dtype="float32",
+    )
+    config._attn_implementation = "sdpa"
+    size = {"height": side, "width": side}
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=dict(size), image_grid_pinpoints=config.image_grid_pinpoints),
+        tokenizer=tokenizer,
+        video_processor=LlavaOnevisionVideoProcessor(size=dict(size)),
+        num_image_tokens=(side // 14) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=LLAVA_OV_CHAT_TEMPLATE,
+    )
+    _save(directory, LlavaOnevisionForConditionalGeneration, config, processor, tokenizer, seed)
 
 
 def builtin_dir(name: str, cache_dir: Optional[PathLike] = None) -> pathlib.Path:
