@@ -24,7 +24,8 @@ from ..kv import CappedKVCache, CompressionEvent, VisionChunk
 from ..models import ModelAdapter, load_adapter
 from .config import LIVE_FIELDS, EngineConfig
 from .gate import FrameGate, GateDecision
-from .stats import CameraStats, EngineState, EngineStats, FrameCounters, RateMeter, device_memory, process_rss_bytes
+from .stats import (CameraStats, EngineState, EngineStats, FrameCounters, FrameRejectReason, RateMeter,
+                    device_memory, process_rss_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,27 @@ class AskError(Exception):
 
 
 class FrameError(ValueError):
-    """A frame the engine cannot use (wrong shape, dtype, size); it is dropped and counted."""
+    """A frame the engine cannot use (wrong shape, dtype, size); it is dropped and counted.
+
+    Attributes:
+        reason: a :class:`~.stats.FrameRejectReason` (INVALID_FRAME, FRAME_TOO_SMALL or ASPECT_RATIO).
+    """
+
+    def __init__(self, message: str, reason: FrameRejectReason = FrameRejectReason.INVALID_FRAME) -> None:
+        super().__init__(message)
+        self.reason = FrameRejectReason(reason)
+
+
+_LOG_THROTTLE_S = 5.0
+_last_logged: dict = {}
+
+
+def _warn_throttled(key: tuple, message: str, *args, level: int = logging.WARNING) -> None:
+    """log.log(level, message, *args) at most once per _LOG_THROTTLE_S per key (a camera and a reason)."""
+    now = time.monotonic()
+    if now - _last_logged.get(key, -1e9) >= _LOG_THROTTLE_S:
+        _last_logged[key] = now
+        log.log(level, message, *args)
 
 
 class IngestStatus(str, enum.Enum):
@@ -108,7 +129,7 @@ def validate_frame(frame: np.ndarray) -> np.ndarray:
     """Check that ``frame`` is RGB uint8 [H, W, 3] of a usable size; returns it contiguous.
 
     Raises:
-        FrameError: anything else.
+        FrameError: anything else (``reason``: INVALID_FRAME, FRAME_TOO_SMALL, ASPECT_RATIO).
     """
     if not isinstance(frame, np.ndarray):
         raise FrameError(f"frame must be a numpy array, got {type(frame).__name__}")
@@ -118,9 +139,10 @@ def validate_frame(frame: np.ndarray) -> np.ndarray:
         raise FrameError(f"frame must be uint8, got {frame.dtype}")
     h, w = frame.shape[:2]
     if h < MIN_FRAME_SIDE or w < MIN_FRAME_SIDE:
-        raise FrameError(f"frame of {w}x{h} px is smaller than {MIN_FRAME_SIDE}x{MIN_FRAME_SIDE}")
+        raise FrameError(f"frame of {w}x{h} px is smaller than {MIN_FRAME_SIDE}x{MIN_FRAME_SIDE}",
+                         FrameRejectReason.FRAME_TOO_SMALL)
     if max(h, w) / min(h, w) > 200:
-        raise FrameError(f"frame aspect ratio {w}x{h} exceeds 200:1")
+        raise FrameError(f"frame aspect ratio {w}x{h} exceeds 200:1", FrameRejectReason.ASPECT_RATIO)
     return np.ascontiguousarray(frame)
 
 
@@ -209,10 +231,21 @@ class StreamingAssistant:
                 total += c
             return total
 
-    def count_frames(self, camera: str, **deltas: int) -> None:
-        """Add to ``camera``'s frame counters (received, sampled, dropped, rejected, ...) under the engine lock."""
+    def count_frames(self, camera: str, *, rejected: int = 0, reason: str = "", **deltas: int) -> None:
+        """Add to ``camera``'s frame counters under the engine lock.
+
+        ``deltas``: received, sampled, ingested, dropped, stamp_dropped;
+        ``rejected`` frames are counted under ``reason`` (a caller's reason
+        name, e.g. ``conversions.REJECT_REASONS``, or a FrameRejectReason).
+
+        Raises:
+            ValueError: ``rejected`` without a reason, or an unknown counter.
+        """
         with self._lock:
-            self._camera(camera).add(**deltas)
+            counters = self._camera(camera)
+            if rejected:
+                counters.reject(reason, rejected)
+            counters.add(**deltas)
 
     def _camera(self, camera: str) -> FrameCounters:
         c = self._camera_counters.get(camera)
@@ -220,19 +253,28 @@ class StreamingAssistant:
             c = self._camera_counters[camera] = FrameCounters()
         return c
 
-    def admit(self, camera: str, stamp_ns: int) -> GateDecision:
+    def admit(self, camera: str, stamp_ns: int, now_ns: Optional[int] = None) -> GateDecision:
         """Count a received frame of ``camera`` and pass its header stamp (ns) through the frame gate.
 
         ACCEPT and RESTART mean: convert the frame and :meth:`ingest` it (with
         ``epoch=self.epoch``); on RESTART the stream was already restarted
         (memory forgotten, ``time_jumps`` counted). JUMP_DROPPED is counted
-        as ``stamp_dropped``; SKIP and STALE are not sampled.
+        as ``stamp_dropped``; SKIP is not sampled; STALE, FUTURE and INVALID
+        are counted as rejected (``stale_stamp``, ``future_stamp``,
+        ``bad_stamp``). ``now_ns``: the caller's clock for the gate's future
+        check (the node's ROS time); None skips it.
         """
         with self._lock:
             counters = self._camera(camera)
             counters.received += 1
+            decision = self.gate.offer(camera, stamp_ns, now_ns)
+            refused = {GateDecision.STALE: FrameRejectReason.STALE_STAMP,
+                       GateDecision.FUTURE: FrameRejectReason.FUTURE_STAMP,
+                       GateDecision.INVALID: FrameRejectReason.BAD_STAMP}.get(decision)
+            if refused is not None:
+                counters.reject(refused)
+                return decision
             self._camera_newest[camera] = max(stamp_ns, self._camera_newest.get(camera, 0))
-            decision = self.gate.offer(camera, stamp_ns)
             if decision is GateDecision.RESTART:
                 last = self.cache.table.stamp_range()[1]
                 self.restart_stream(f"{camera}: {self.config.time_jump_frames} consecutive header stamps "
@@ -335,14 +377,16 @@ class StreamingAssistant:
             try:
                 frame = validate_frame(frame)
             except FrameError as exc:
-                counters.rejected += 1
+                counters.reject(exc.reason)
+                _warn_throttled((camera, exc.reason), "%s: frame rejected (%s): %s", camera, exc.reason.value, exc)
                 return IngestResult(camera, stamp_ns, IngestStatus.REJECTED, error=str(exc))
             self._camera_handled[camera] = time.monotonic()
             pending = self._pending.pop(camera, None)
             if pending is not None and pending[0].shape != frame.shape:
-                log.warning("camera %s changed resolution %s -> %s; dropping the unpaired frame",
-                            camera, pending[0].shape, frame.shape)
-                counters.rejected += 1
+                _warn_throttled((camera, FrameRejectReason.RESOLUTION_CHANGED),
+                                "camera %s changed resolution %s -> %s; dropping the unpaired frame (%s)",
+                                camera, pending[0].shape, frame.shape, FrameRejectReason.RESOLUTION_CHANGED.value)
+                counters.reject(FrameRejectReason.RESOLUTION_CHANGED)
                 pending = None
             frames_per_patch = self.adapter.frames_per_patch
             group = ([pending] if pending is not None else []) + [(frame, stamp_ns)]
@@ -392,8 +436,9 @@ class StreamingAssistant:
             )
             self.adapter.prefill_patch(self.cache, patch, chunk, seconds=seconds)
         except Exception as exc:  # model/processor failure: cache rolled back by its transaction
-            self._camera(camera).rejected += len(group)
-            log.error("ingest of %s @ %d failed: %s", camera, first_stamp, exc)
+            self._camera(camera).reject(FrameRejectReason.MODEL_ERROR, len(group))
+            _warn_throttled((camera, FrameRejectReason.MODEL_ERROR), "ingest of %s @ %d failed (%s): %s", camera,
+                            first_stamp, FrameRejectReason.MODEL_ERROR.value, exc, level=logging.ERROR)
             return IngestResult(camera, last_stamp, IngestStatus.REJECTED, ms=(time.perf_counter() - t0) * 1e3,
                                 error=f"{type(exc).__name__}: {exc}")
         if cuda:
@@ -505,7 +550,7 @@ class StreamingAssistant:
                 since = self.seconds_since_handled(name, now)
                 out.append(CameraStats(
                     camera=name,
-                    frames=dataclasses.replace(self._camera_counters.get(name) or FrameCounters()),
+                    frames=(self._camera_counters.get(name) or FrameCounters()).copy(),
                     newest_stamp_ns=self._camera_newest.get(name, 0),
                     tokens_in_cache=int(row0[mine].sum()),
                     frames_in_cache=int(frames_col[mine].sum()),

@@ -14,13 +14,26 @@ restart in the same way:
   counted (``stamp_dropped``) and the memory is kept. Only
   ``time_jump_frames`` consecutive jumped frames of a camera (a looping bag, a
   simulator reset) restart the stream: the caller then forgets the memory and
-  the gate starts every camera's clock again (``time_jumps``).
+  the gate starts every camera's clock again (``time_jumps``);
+* **future** -- when the caller passes its clock (``now_ns``, the node's ROS
+  time), a stamp more than ``max_future_s`` ahead of it is refused and does
+  not move the camera's clock. Without this one frame stamped far in the
+  future would poison the gate: every later, correct frame would look like a
+  jump back, and after ``time_jump_frames`` of them the memory would be
+  forgotten. ``max_future_s`` is ``time_jump_s`` (5 s by default): a stamp
+  less far ahead can at worst make the camera's frames stale for less than
+  ``time_jump_s``;
+* **invalid** -- a negative stamp is refused.
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
 from typing import Optional
+
+
+#: How far ahead of the caller's clock a stamp may be when the time-jump rule is off (s).
+DEFAULT_MAX_FUTURE_S = 5.0
 
 
 class GateDecision(str, enum.Enum):
@@ -31,6 +44,8 @@ class GateDecision(str, enum.Enum):
     STALE = "stale"  # at or before the last accepted stamp (out of order, duplicate)
     JUMP_DROPPED = "jump_dropped"  # jumped back more than time_jump_s: one glitch, dropped and counted
     RESTART = "restart"  # sustained jump back: the stream restarts with this frame (accept it)
+    FUTURE = "future"  # more than max_future_s ahead of the caller's clock: refused, clock not moved
+    INVALID = "invalid"  # negative stamp: refused
 
 
 @dataclass
@@ -51,6 +66,9 @@ class FrameGate:
         time_jump_frames: consecutive jumped frames of one camera that restart the
             stream (>= 1; 1 = every jump restarts, the old behaviour).
 
+    ``max_future_s`` (attribute, seconds): how far ahead of ``now_ns`` a stamp
+    may be; ``time_jump_s``, or :data:`DEFAULT_MAX_FUTURE_S` when the jump rule is off.
+
     Raises:
         ValueError: time_jump_frames < 1.
     """
@@ -60,6 +78,8 @@ class FrameGate:
             raise ValueError(f"time_jump_frames must be >= 1, got {time_jump_frames}")
         self.time_jump_ns = int(time_jump_s * 1e9) if time_jump_s > 0 else 0
         self.time_jump_frames = int(time_jump_frames)
+        self.max_future_s = time_jump_s if time_jump_s > 0 else DEFAULT_MAX_FUTURE_S
+        self.max_future_ns = int(self.max_future_s * 1e9)
         self._clocks: dict[str, _CameraClock] = {}
         self.set_rate(rate_hz)
 
@@ -70,12 +90,19 @@ class FrameGate:
         for clock in self._clocks.values():
             clock.origin_ns, clock.last_slot = clock.last_stamp_ns, 0
 
-    def offer(self, camera: str, stamp_ns: int) -> GateDecision:
+    def offer(self, camera: str, stamp_ns: int, now_ns: Optional[int] = None) -> GateDecision:
         """Decide about the frame of ``camera`` stamped ``stamp_ns`` (header stamp, ns).
 
+        ``now_ns``: the caller's clock (ns, same time base as the stamps); None
+        or <= 0 (e.g. simulated time before the first /clock) skips the future check.
         On RESTART every camera's clock is forgotten and this frame starts the
         camera's new clock; the caller must forget the stream (engine reset).
+        FUTURE and INVALID frames leave every clock as it was.
         """
+        if stamp_ns < 0:
+            return GateDecision.INVALID
+        if now_ns is not None and now_ns > 0 and stamp_ns > now_ns + self.max_future_ns:
+            return GateDecision.FUTURE
         clock = self._clocks.get(camera)
         if clock is None:
             self._clocks[camera] = _CameraClock(stamp_ns, 0, stamp_ns)

@@ -172,7 +172,7 @@ def save_snapshot(assistant: "StreamingAssistant", path: str | os.PathLike) -> S
             "newest_stamp_ns": newest,
             "cameras": dict(assistant._cameras),
             "origin_ns": assistant._origin_ns,
-            "counters": {k: int(v) for k, v in vars(assistant.counters).items()},
+            "counters": assistant.counters.to_dict(),
             "pending_dropped": sorted(getattr(assistant, "_pending", {})),
             "policy": assistant.policy_name,
             "max_vision_tokens": cache.max_vision_tokens,

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import enum
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Deque, List, Optional
+from typing import Deque, Dict, List, Optional
 
 import psutil
 import torch
@@ -55,24 +56,84 @@ class RateMeter:
             self._times.popleft()
 
 
+class FrameRejectReason(str, enum.Enum):
+    """Why the engine refused a frame: the engine's keys of :attr:`FrameCounters.rejected_by_reason`.
+
+    Callers add their own reasons for frames refused before they reach the
+    engine (the ROS node: ``infinipot_ros.ros.conversions.REJECT_REASONS``);
+    none of those names is one of these.
+    """
+
+    INVALID_FRAME = "invalid_frame"  # not an RGB uint8 [H, W, 3] numpy array (float/NaN data, mono, ...)
+    FRAME_TOO_SMALL = "frame_too_small"  # a side below MIN_FRAME_SIDE (28 px)
+    ASPECT_RATIO = "aspect_ratio"  # longer side more than 200 times the shorter (the processor's limit)
+    RESOLUTION_CHANGED = "resolution_changed"  # first frame of a pair dropped: the second has another size
+    MODEL_ERROR = "model_error"  # vision encode or prefill raised; the cache was rolled back
+    STALE_STAMP = "stale_stamp"  # header stamp at or before the camera's last accepted one (duplicate, reordered)
+    FUTURE_STAMP = "future_stamp"  # header stamp more than the gate's max_future_s ahead of the caller's clock
+    BAD_STAMP = "bad_stamp"  # negative header stamp
+
+
+#: Values of :class:`FrameRejectReason`, as strings.
+ENGINE_REJECT_REASONS = tuple(r.value for r in FrameRejectReason)
+
+_COUNTS = ("received", "sampled", "ingested", "dropped", "rejected", "stamp_dropped")
+
+
 @dataclass
 class FrameCounters:
-    """Frame counts since start (one camera, or all cameras summed)."""
+    """Frame counts since start (one camera, or all cameras summed).
+
+    ``rejected`` is the total of ``rejected_by_reason`` (reason name -> frames):
+    count rejections with :meth:`reject`, never by adding to ``rejected`` alone.
+    """
 
     received: int = 0  # messages/frames offered to the engine or node
     sampled: int = 0  # accepted by the frame gate (frame_rate_hz sampler)
     ingested: int = 0  # prefilled into the KV cache (as part of a temporal patch)
     dropped: int = 0  # sampled, then replaced by a newer frame before the worker took it
-    rejected: int = 0  # malformed/unsupported, or failed to encode/prefill
+    rejected: int = 0  # refused: malformed/unsupported, bad stamp, failed to encode/prefill (sum of the reasons)
     stamp_dropped: int = 0  # header stamp jumped back (one glitch): dropped, memory kept
+    rejected_by_reason: Dict[str, int] = field(default_factory=dict)  # reason -> frames; sums to ``rejected``
 
     def add(self, **deltas: int) -> None:
-        """Add to counters by name, e.g. ``add(received=1, sampled=1)``."""
+        """Add to counters by name, e.g. ``add(received=1, sampled=1)``.
+
+        Raises:
+            ValueError: ``rejected`` (use :meth:`reject`, which needs a reason) or an unknown name.
+        """
         for name, delta in deltas.items():
+            if name not in _COUNTS or name == "rejected":
+                raise ValueError(f"cannot add to {name!r}" + (" (use reject(reason))" if name == "rejected" else ""))
             setattr(self, name, getattr(self, name) + delta)
 
+    def reject(self, reason: str, n: int = 1) -> None:
+        """Count ``n`` frames rejected for ``reason`` (a :class:`FrameRejectReason` or a caller's reason name).
+
+        Raises:
+            ValueError: an empty reason.
+        """
+        reason = reason.value if isinstance(reason, FrameRejectReason) else str(reason)
+        if not reason:
+            raise ValueError("a rejection needs a reason")
+        self.rejected += n
+        self.rejected_by_reason[reason] = self.rejected_by_reason.get(reason, 0) + n
+
+    def copy(self) -> "FrameCounters":
+        """An independent copy (the reason dict included)."""
+        return dataclasses.replace(self, rejected_by_reason=dict(self.rejected_by_reason))
+
+    def to_dict(self) -> dict:
+        """Plain ints and ``rejected_by_reason`` as a dict (JSON-ready)."""
+        out = {name: int(getattr(self, name)) for name in _COUNTS}
+        out["rejected_by_reason"] = {k: int(v) for k, v in self.rejected_by_reason.items()}
+        return out
+
     def __iadd__(self, other: "FrameCounters") -> "FrameCounters":
-        self.add(**vars(other))
+        for name in _COUNTS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for reason, n in other.rejected_by_reason.items():
+            self.rejected_by_reason[reason] = self.rejected_by_reason.get(reason, 0) + n
         return self
 
 

@@ -60,6 +60,9 @@ STATUS_QOS = QoSProfile(
     reliability=ReliabilityPolicy.RELIABLE,
     durability=DurabilityPolicy.TRANSIENT_LOCAL,
 )
+#: Gate decisions that refuse a frame for its header stamp -> the reason it is counted under.
+_REFUSED_STAMPS = {GateDecision.STALE: "stale_stamp", GateDecision.FUTURE: "future_stamp",
+                   GateDecision.INVALID: "bad_stamp"}
 _FEEDBACK_POLL_S = 0.02  # how often a running action goal forwards feedback and checks its timeout
 
 
@@ -277,11 +280,21 @@ class AssistantNode(LifecycleNode):
         if engine is None or worker is None or not self._ingesting:
             return
         stamp_ns = time_to_ns(msg.header.stamp)
+        now_ns = self.get_clock().now().nanoseconds
         if stamp_ns == 0:
-            stamp_ns = self.get_clock().now().nanoseconds
+            stamp_ns = now_ns
             self.get_logger().warning(f"{camera}: frames have no header stamp; using receive time",
                                       throttle_duration_sec=30.0)
-        decision = engine.admit(camera, stamp_ns)
+        decision = engine.admit(camera, stamp_ns, now_ns=now_ns)
+        if decision in _REFUSED_STAMPS:
+            self.get_logger().warning(
+                f"{camera}: frame rejected ({_REFUSED_STAMPS[decision]}): header stamp {stamp_ns / 1e9:.3f} s "
+                + ("is negative" if decision is GateDecision.INVALID else
+                   f"is more than {engine.gate.max_future_s:g} s ahead of the node clock ({now_ns / 1e9:.3f} s)"
+                   if decision is GateDecision.FUTURE else
+                   f"is not after the last accepted one ({(engine.gate.last_stamp_ns(camera) or 0) / 1e9:.3f} s; "
+                   f"duplicated or out of order)"), throttle_duration_sec=5.0)
+            return
         if decision is GateDecision.JUMP_DROPPED:
             self.get_logger().warning(
                 f"{camera}: header stamp jumped back {(engine.gate.last_stamp_ns(camera) - stamp_ns) / 1e9:.1f} s; "
@@ -297,8 +310,8 @@ class AssistantNode(LifecycleNode):
         try:
             frame = message_to_rgb(msg)
         except ImageConversionError as exc:
-            engine.count_frames(camera, rejected=1)
-            self.get_logger().warning(f"{camera}: frame dropped: {exc}", throttle_duration_sec=5.0)
+            engine.count_frames(camera, rejected=1, reason=exc.reason)
+            self.get_logger().warning(f"{camera}: frame rejected ({exc.reason}): {exc}", throttle_duration_sec=5.0)
             return
         worker.submit_frame(camera, frame, stamp_ns, epoch=epoch)
 

@@ -7,7 +7,9 @@ from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 
 from ..engine import EngineState, EngineStats
+from ..engine.stats import ENGINE_REJECT_REASONS
 from ..msg import CacheStatus, CameraStatus
+from .conversions import REJECT_REASONS
 from .stamps import ns_to_time
 
 _STATES = {
@@ -23,6 +25,18 @@ STATE_NAMES = {v: k.value for k, v in _STATES.items()}
 
 def _u32(x: Optional[int]) -> int:
     return max(0, min(int(x or 0), 2**32 - 1))
+
+#: Order of the rejection reasons in CacheStatus/CameraStatus ``rejected_reasons``: the conversion
+#: reasons, then the engine's; any other name a caller counted comes after them, sorted.
+REASON_ORDER = REJECT_REASONS + ENGINE_REJECT_REASONS
+_RANK = {r: i for i, r in enumerate(REASON_ORDER)}
+
+
+def rejected_arrays(by_reason: dict) -> tuple[list, list]:
+    """(reasons, counts) of the reasons with a count > 0, in :data:`REASON_ORDER`."""
+    names = sorted((r for r, n in by_reason.items() if n > 0), key=lambda r: (_RANK.get(r, len(_RANK)), r))
+    return names, [int(by_reason[r]) for r in names]
+
 
 
 def to_cache_status(stats: EngineStats, stamp: Time, frame_id: str = "") -> CacheStatus:
@@ -57,6 +71,7 @@ def to_cache_status(stats: EngineStats, stamp: Time, frame_id: str = "") -> Cach
     msg.frames_ingested = f.ingested
     msg.frames_dropped = f.dropped
     msg.frames_rejected = f.rejected
+    msg.rejected_reasons, msg.rejected_counts = rejected_arrays(f.rejected_by_reason)
     msg.frames_stamp_dropped = f.stamp_dropped
     msg.time_jumps = _u32(stats.time_jumps)
     msg.memory_source = stats.memory_source
@@ -69,6 +84,7 @@ def to_cache_status(stats: EngineStats, stamp: Time, frame_id: str = "") -> Cach
                              newest_frame_stamp=ns_to_time(cam.newest_stamp_ns),
                              tokens_in_cache=_u32(cam.tokens_in_cache), frames_in_cache=_u32(cam.frames_in_cache),
                              seconds_since_ingest=float(cam.seconds_since_ingest))
+        c_msg.rejected_reasons, c_msg.rejected_counts = rejected_arrays(cam.frames.rejected_by_reason)
         msg.cameras.append(c_msg)
     msg.ingest_fps = float(stats.ingest_fps)
     msg.last_chunk_ms = float(stats.last_chunk_ms)
@@ -114,6 +130,8 @@ def to_diagnostics(stats: EngineStats, stamp: Time, node_name: str) -> Diagnosti
         })
         if c.max_vision_tokens and c.vision_tokens > c.max_vision_tokens and st.level == DiagnosticStatus.OK:
             st.level, st.message = DiagnosticStatus.WARN, "over budget"
+    for reason, n in zip(*rejected_arrays(stats.frames.rejected_by_reason)):
+        values[f"frames_rejected.{reason}"] = n
     st.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
     arr = DiagnosticArray()
     arr.header.stamp = stamp
