@@ -20,11 +20,11 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from ..kv import CappedKVCache, CompressionEvent, VisionChunk
+from ..kv import NOTE_CAMERA, CappedKVCache, CompressionEvent, VisionChunk
 from ..models import ModelAdapter, load_adapter
 from .config import LIVE_FIELDS, EngineConfig
 from .gate import FrameGate, GateDecision
-from .stats import (CameraStats, EngineState, EngineStats, FrameCounters, FrameRejectReason, RateMeter,
+from .stats import (CameraStats, EngineState, EngineStats, FrameCounters, FrameRejectReason, NoteStats, RateMeter,
                     device_memory, process_rss_bytes)
 
 log = logging.getLogger(__name__)
@@ -175,6 +175,7 @@ class StreamingAssistant:
         self.time_jumps = 0
         self.memory_source = "empty"
         self.last_saved_unix_s = 0.0
+        self._notes = NoteStats()
         self.cache: CappedKVCache = self._new_cache()
 
     @property
@@ -411,21 +412,30 @@ class StreamingAssistant:
         last = self._camera_handled.get(camera)
         return float("inf") if last is None else (time.monotonic() if now is None else now) - last
 
+    def _stream_seconds(self, stamp_ns: int) -> float:
+        """Seconds of ``stamp_ns`` on the stream clock (since its origin, the first chunk's stamp; >= 0)."""
+        if self._origin_ns is None:
+            self._origin_ns = stamp_ns
+        return max(0.0, (stamp_ns - self._origin_ns) / 1e9)
+
+    def _rebase_for(self, stamp_ns: int) -> float:
+        """Re-base positions if a chunk at ``stamp_ns`` would pass the threshold; its stream seconds after that."""
+        seconds = self._stream_seconds(stamp_ns)
+        if self.config.rebase_position_threshold:  # unbounded uptime: keep temporal positions under the threshold
+            shift_ns = self.adapter.rebase_positions(self.cache, seconds, self.config.rebase_position_threshold)
+            if shift_ns:  # the cache moved down: the stream clock moves with it
+                self._origin_ns += shift_ns
+                seconds = self._stream_seconds(stamp_ns)
+                log.info("re-based stream positions by %d (re-base %d)", self.cache.last_rebase.delta,
+                         self.cache.rebases)
+        return seconds
+
     def _ingest_patch(self, camera: str, group: Sequence[tuple[np.ndarray, int]], t0: float) -> IngestResult:
         first_stamp, last_stamp = group[0][1], group[-1][1]
-        if self._origin_ns is None:
-            self._origin_ns = first_stamp
-        seconds = max(0.0, (first_stamp - self._origin_ns) / 1e9)
         compressions_before = self.cache.compressions
         cuda = self.adapter.device.type == "cuda"
         try:
-            if self.config.rebase_position_threshold:  # unbounded uptime: keep temporal positions under the threshold
-                shift_ns = self.adapter.rebase_positions(self.cache, seconds, self.config.rebase_position_threshold)
-                if shift_ns:  # the cache moved down: the stream clock moves with it
-                    self._origin_ns += shift_ns
-                    seconds = max(0.0, (first_stamp - self._origin_ns) / 1e9)
-                    log.info("re-based stream positions by %d (re-base %d)", self.cache.last_rebase.delta,
-                             self.cache.rebases)
+            seconds = self._rebase_for(first_stamp)
             patch = self.adapter.encode_patch([f for f, _ in group])
             if cuda:  # split encode from prefill honestly: wait for the vision tower
                 torch.cuda.synchronize(self.adapter.device)
@@ -456,6 +466,77 @@ class StreamingAssistant:
             prefill_ms=max(0.0, (t_end - t_enc) * 1e3 - comp_ms), compression_ms=comp_ms,
             chunk_tokens=chunk.num_tokens, compression=event,
         )
+
+    # ------------------------------------------------------------------ notes
+    def add_note(self, text: str, stamp_ns: int, source: str = "notes") -> IngestResult:
+        """Append a text event (operator note, transcript, detector label) to the stream.
+
+        The note's tokens (:meth:`ModelAdapter.note_ids`: "Note at S s: TEXT" in the
+        model's template) become one chunk of the stream, stamped ``stamp_ns``
+        (ROS time, ns): compressed under the same cap M as the frames (a note
+        has no spatial grid: TaR never finds it redundant, VaN scores its value
+        norms pooled along its own tokens only; see :mod:`infinipot_ros.kv.layout`),
+        visible to questions whose since/until window holds its stamp whatever
+        their camera filter, and counted in :class:`NoteStats`.
+
+        Returns:
+            INGESTED (``chunk_tokens``: its tokens) or REJECTED with the reason
+            (empty, a NUL character, a negative stamp, more than ``max_note_tokens``
+            tokens, or a model error); a rejected note leaves the cache exactly as it was.
+        """
+        with self._lock:
+            t0 = time.perf_counter()
+            self._notes.received += 1
+
+            def rejected(why: str) -> IngestResult:
+                self._notes.rejected += 1
+                return IngestResult(source, stamp_ns, IngestStatus.REJECTED, ms=(time.perf_counter() - t0) * 1e3,
+                                    error=why)
+
+            if not isinstance(text, str) or not text.strip():
+                return rejected("empty note")
+            if "\x00" in text:
+                return rejected("note contains a NUL character")
+            if not isinstance(stamp_ns, int) or stamp_ns < 0:
+                return rejected(f"bad note stamp {stamp_ns!r}")
+            text = " ".join(text.split())  # one line: newlines would read as template structure
+            first = self._origin_ns is None
+            ids = self.adapter.note_ids(text, self._stream_seconds(stamp_ns))
+            if len(ids) > self.config.max_note_tokens:
+                if first:
+                    self._origin_ns = None
+                return rejected(f"note is {len(ids)} tokens, more than max_note_tokens={self.config.max_note_tokens}")
+            compressions_before = self.cache.compressions
+            try:
+                seconds = self._rebase_for(stamp_ns)
+                chunk = VisionChunk(1, len(ids), camera=NOTE_CAMERA, stamp_ns=stamp_ns, end_stamp_ns=stamp_ns,
+                                    num_frames=0)
+                self.adapter.prefill_note(self.cache, ids, chunk, seconds=seconds)
+            except Exception as exc:  # model failure: cache rolled back by its transaction
+                log.error("note @ %d failed: %s", stamp_ns, exc)
+                if first:
+                    self._origin_ns = None
+                return rejected(f"{type(exc).__name__}: {exc}")
+            self._notes.ingested += 1
+            event = self.cache.last_compression if self.cache.compressions > compressions_before else None
+            return IngestResult(source, stamp_ns, IngestStatus.INGESTED, ms=(time.perf_counter() - t0) * 1e3,
+                                compression_ms=event.ms if event is not None else 0.0, chunk_tokens=len(ids),
+                                compression=event)
+
+    def count_note_rejected(self, why: str) -> None:
+        """Count a note received and rejected before it reached :meth:`add_note` (e.g. a full queue)."""
+        with self._lock:
+            self._notes.received += 1
+            self._notes.rejected += 1
+            log.warning("note rejected: %s", why)
+
+    def note_stats(self) -> NoteStats:
+        """Note counters and the notes the cache holds now (a copy)."""
+        with self._lock:
+            table = self.cache.table
+            mine = table.column("camera") == NOTE_CAMERA
+            return dataclasses.replace(self._notes, in_cache=int(mine.sum()),
+                                       tokens_in_cache=int(table.column("row0_tokens")[mine].sum()))
 
     # -------------------------------------------------------------------- ask
     def ask(
@@ -574,6 +655,7 @@ class StreamingAssistant:
                 time_jumps=self.time_jumps,
                 memory_source=self.memory_source,
                 last_saved_unix_s=self.last_saved_unix_s,
+                notes=self.note_stats(),
                 ingest_fps=self._ingest_rate.rate(),
                 last_chunk_ms=self._last_chunk_ms,
                 rss_bytes=process_rss_bytes(),

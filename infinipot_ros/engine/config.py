@@ -71,6 +71,9 @@ class EngineConfig:
             training used sequences up to 32768 tokens, so positions up to T plus a
             question and answer stay at half of that; re-bases come at least T / 2 positions
             apart (68 minutes of stream at Qwen2.5-VL's 2 positions/s). Must be 0 or >= 1024.
+        max_note_tokens: longest text event (note) accepted into the stream, in tokens
+            (template included); longer ones are rejected and counted. A note is a chunk
+            of the stream, compressed under the same cap M, so it must fit C.
     """
 
     model: str = DEFAULT_MODEL
@@ -101,6 +104,7 @@ class EngineConfig:
     snapshot_path: str = ""
     autosave_s: float = 0.0
     rebase_position_threshold: int = 16384
+    max_note_tokens: int = 128
 
     def __post_init__(self) -> None:
         if self.policy != "none" and self.policy not in POLICIES:
@@ -138,6 +142,8 @@ class EngineConfig:
         if self.rebase_position_threshold != 0 and self.rebase_position_threshold < 1024:
             raise ValueError(f"rebase_position_threshold must be 0 (never) or >= 1024 (room after the prefix), "
                              f"got {self.rebase_position_threshold}")
+        if self.max_note_tokens < 1:
+            raise ValueError(f"max_note_tokens must be >= 1, got {self.max_note_tokens}")
         if self.reserve_tokens < 0:
             raise ValueError(f"reserve_tokens must be >= 0, got {self.reserve_tokens}")
         self.pool_kernels = tuple(tuple(int(x) for x in k) for k in self.pool_kernels)  # type: ignore[assignment]

@@ -37,7 +37,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..kv import CacheStateError, CappedKVCache
+from ..kv import NOTE_CAMERA, CacheStateError, CappedKVCache
 
 if TYPE_CHECKING:  # pragma: no cover
     from .assistant import StreamingAssistant
@@ -283,7 +283,7 @@ def _stream_state(header: dict[str, Any], cache: CappedKVCache, path: str) -> tu
         raise SnapshotError(f"snapshot {path} has a corrupt header: origin_ns must be an integer or null")
     if len(cache.table):
         used = cache.table.column("camera")
-        if origin is None or int(used.max()) >= len(cameras) or int(used.min()) < 0:
+        if origin is None or int(used.max()) >= len(cameras) or int(used.min()) < NOTE_CAMERA:
             raise SnapshotError(f"snapshot {path}: its cached chunks name cameras or a stream origin the header lacks")
     return dict(cameras), origin
 

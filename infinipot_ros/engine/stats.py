@@ -137,6 +137,17 @@ class FrameCounters:
         return self
 
 
+@dataclass
+class NoteStats:
+    """Text events (notes) since start, and what of them the cache holds now."""
+
+    received: int = 0  # offered to the engine (notes topic, --note-at)
+    ingested: int = 0  # prefilled into the KV cache
+    rejected: int = 0  # empty, too long, or failed to prefill
+    in_cache: int = 0  # notes with at least one token left in the cache
+    tokens_in_cache: int = 0  # note tokens held by layer 0 / KV head 0
+
+
 class EngineState(str, enum.Enum):
     """State of the assistant as the status topic reports it (CacheStatus.STATE_*)."""
 
@@ -179,3 +190,4 @@ class EngineStats:
     time_jumps: int = 0  # stream restarts (sustained stamp jump back, /clock jumping back)
     memory_source: str = "empty"  # "empty", "snapshot PATH (N frames)", "snapshot refused: ..."
     last_saved_unix_s: float = 0.0  # wall time of the last successful memory save (0 = never)
+    notes: NoteStats = field(default_factory=NoteStats)

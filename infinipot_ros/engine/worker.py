@@ -12,6 +12,7 @@ cannot starve another). ``ask`` waits for its answer with a timeout;
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import threading
@@ -24,6 +25,9 @@ import numpy as np
 from .assistant import AskError, AskErrorCode, AskResult, IngestResult, IngestStatus, StreamingAssistant
 
 log = logging.getLogger(__name__)
+
+#: Text events allowed to wait for the worker; more drop the oldest (counted as rejected).
+MAX_PENDING_NOTES = 64
 
 
 @dataclass
@@ -67,6 +71,7 @@ class StreamWorker:
         self._cond = threading.Condition()
         self._frames: dict[str, tuple[np.ndarray, int, int]] = {}  # camera -> (frame, stamp_ns, epoch)
         self._asks: list[AskJob] = []
+        self._notes: collections.deque = collections.deque()  # (text, stamp_ns, source), oldest first
         self._served: dict[str, float] = {}  # camera -> monotonic time its last frame was taken
         self._stop = False
         self._busy = False
@@ -90,12 +95,13 @@ class StreamWorker:
     @property
     def idle(self) -> bool:
         with self._cond:
-            return not self._busy and not self._frames and not self._asks
+            return not self._busy and not self._frames and not self._asks and not self._notes
 
     def wait_idle(self, timeout: float) -> bool:
         """Block until no frame or question is waiting or running (tests, CLI); False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._busy and not self._frames and not self._asks, timeout)
+            return self._cond.wait_for(
+                lambda: not self._busy and not self._frames and not self._asks and not self._notes, timeout)
 
     # --------------------------------------------------------------- producers
     def submit_frame(self, camera: str, frame: np.ndarray, stamp_ns: int, epoch: Optional[int] = None) -> None:
@@ -110,6 +116,22 @@ class StreamWorker:
                 self.assistant.count_frames(camera, dropped=1)
             self._served.setdefault(camera, time.monotonic())  # a new camera waits like one just served
             self._frames[camera] = (frame, stamp_ns, self.assistant.epoch if epoch is None else epoch)
+            self._cond.notify_all()
+
+    def submit_note(self, text: str, stamp_ns: int, source: str = "notes") -> None:
+        """Queue a text event for :meth:`StreamingAssistant.add_note` (never blocks on the model).
+
+        Notes are taken before questions and frames, in arrival order, so a question asked
+        after a note sees it. At most :data:`MAX_PENDING_NOTES` wait; beyond that the oldest
+        waiting note is dropped and counted as rejected.
+        """
+        with self._cond:
+            if self._stop:
+                return
+            if len(self._notes) >= MAX_PENDING_NOTES:
+                self._notes.popleft()
+                self.assistant.count_note_rejected(f"more than {MAX_PENDING_NOTES} notes waiting")
+            self._notes.append((text, stamp_ns, source))
             self._cond.notify_all()
 
     def submit_ask(self, question: str, **kwargs) -> AskJob:
@@ -162,10 +184,12 @@ class StreamWorker:
         with self._cond:
             self._busy = False
             self._cond.notify_all()
-            self._cond.wait_for(lambda: self._stop or self._asks or self._frames)
+            self._cond.wait_for(lambda: self._stop or self._asks or self._frames or self._notes)
             if self._stop:
                 return None
             self._busy = True
+            if self._notes:  # small, and a question asked after a note must see it
+                return self._notes.popleft()
             now = time.monotonic()
             # Served longest ago first (never-served cameras first of all): no camera starves another.
             camera = min(self._frames, key=lambda c: self._served[c]) if self._frames else None
@@ -183,6 +207,8 @@ class StreamWorker:
                 break
             if isinstance(job, AskJob):
                 self._run_ask(job)
+            elif len(job) == 3:
+                self._run_note(*job)
             else:
                 self._run_frame(*job)
         with self._cond:
@@ -219,6 +245,18 @@ class StreamWorker:
                 job.future.set_exception(AskError(AskErrorCode.CANCELED, f"cancelled after {result.generated_tokens} tokens"))
             else:
                 job.future.set_result(result)
+
+    def _run_note(self, text: str, stamp: int, source: str) -> None:
+        try:
+            result = self.assistant.add_note(text, stamp, source)
+        except Exception as exc:  # never let the worker die
+            log.exception("note failed")
+            result = IngestResult(source, stamp, IngestStatus.REJECTED, error=f"{type(exc).__name__}: {exc}")
+        if self.on_ingest is not None:
+            try:
+                self.on_ingest(result)
+            except Exception:
+                log.exception("on_ingest callback failed")
 
     def _run_frame(self, camera: str, frame: np.ndarray, stamp: int, epoch: int) -> None:
         try:

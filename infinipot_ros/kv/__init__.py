@@ -12,7 +12,7 @@ from typing import Any, Optional
 from .baselines import RecentPolicy, UniformPolicy
 from .cache import CacheBudget, CacheStateError, CacheStats, CappedKVCache, CompressionEvent
 from .infinipot_v import InfiniPotVPolicy
-from .layout import ChunkTable, VisionChunk, VisionLayout
+from .layout import NOTE_CAMERA, ChunkTable, VisionChunk, VisionLayout
 from .policy import PolicySettings, ScoringPolicy
 from .selection import gather_kept, gather_tokens, keep_topk
 from .tar import TaRPolicy, tar_similarity

@@ -538,6 +538,7 @@ class CappedKVCache:
         pairs: Sequence[tuple[int, int]],
         fixed_max_position: torch.Tensor,
         stream_delta: Optional[int] = None,
+        text: Optional[torch.Tensor] = None,
     ) -> RebaseEvent:
         """Move every cached vision token from position p to p - delta[its chunk], in place; the prefix stays.
 
@@ -557,6 +558,9 @@ class CappedKVCache:
             fixed_max_position: [R] integers, each chunk's largest position id on the axes that do not move.
             stream_delta: how far the caller moves its stream clock (reported as the event's delta);
                 default: the largest chunk delta.
+            text: [R] bool, chunks of text (notes): their position is the same on every axis, so their
+                keys are rotated in all D/2 pairs, not only ``pairs``; their ``fixed_max_position`` is
+                ignored (all axes move). None = no text.
 
         Returns:
             The event (also ``last_rebase``; ``rebases`` counts them).
@@ -578,9 +582,28 @@ class CappedKVCache:
             raise ValueError("rebase moves positions down only (delta >= 0)")
         t0 = time.perf_counter()
         p, v = self._prefix_len, self._vision_len
+        text = torch.zeros(n, dtype=torch.bool) if text is None else text.to("cpu", torch.bool).reshape(-1)
+        if text.shape[0] != n:
+            raise ValueError(f"rebase needs one text flag per live chunk ({n}), got {tuple(text.shape)}")
         if n and v and self._keys is not None:
             index = self.table.chunk_index(self._token_ids[..., :v])  # [L, B, H_kv, V] row of each token's chunk
-            shift_rotary_keys_(self._keys[..., p : p + v, :], delta, inv_freq, pairs, index=index)
+            keys = self._keys[..., p : p + v, :]
+            shift_rotary_keys_(keys, delta, inv_freq, pairs, index=index)
+            if bool(text.any()):  # text: the other pairs too (its position is the same on every axis)
+                half = keys.shape[-1] // 2
+                covered = torch.zeros(half, dtype=torch.bool)
+                for lo, hi in pairs:
+                    covered[int(lo):int(hi)] = True
+                rest, lo = [], None
+                for i, c in enumerate(covered.tolist() + [True]):
+                    if not c and lo is None:
+                        lo = i
+                    elif c and lo is not None:
+                        rest.append((lo, i))
+                        lo = None
+                shift_rotary_keys_(keys, torch.where(text, delta, 0), inv_freq, rest, index=index)
+        fixed_max_position = torch.where(text, self.table.column("max_position") - delta,
+                                         fixed_max_position.to("cpu", torch.long))
         self.table.shift_positions(delta, fixed_max_position)
         top = int(delta.max()) if n else 0
         if stream_delta is not None:

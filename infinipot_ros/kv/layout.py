@@ -9,6 +9,14 @@ index (row, col), the camera and the header stamp, which is what TaR compares
 and what answer-time filtering (camera, since/until) needs (InfiniPot-V
 Sec. 4.2, "track the source of every kept token").
 
+A chunk may also be *text* (a note: an operator remark, a transcript, a
+detector label): :data:`NOTE_CAMERA` as its camera, ``num_frames`` 0, its
+tokens on a 1 x k "grid". Text has no spatial place and no temporal
+neighbour, so every note is its own slot (never compared with a frame or
+another note by TaR, never pooled across by VaN) and never part of the
+recent window; camera filters at answer time do not hide notes (they are
+not any camera's), time windows do.
+
 The table is columnar (CPU int64 tensor columns, one entry per chunk that
 still has a token in some layer or head): appends, pruning and every query
 are vectorised, no Python object is kept per chunk, and the device-side
@@ -21,6 +29,9 @@ from typing import Optional, Sequence
 
 import torch
 
+#: Camera index of text chunks (notes); camera indices of frames are >= 0.
+NOTE_CAMERA = -1
+
 
 @dataclass(frozen=True)
 class VisionChunk:
@@ -29,10 +40,10 @@ class VisionChunk:
     Attributes:
         grid_h: rows of the merged token grid.
         grid_w: columns of the merged token grid; num_tokens = grid_h * grid_w.
-        camera: camera index (the engine maps camera names to indices).
+        camera: camera index (the engine maps camera names to indices); :data:`NOTE_CAMERA` for text.
         stamp_ns: header stamp of the first frame of the patch (ROS time, ns).
         end_stamp_ns: header stamp of the last frame of the patch (ROS time, ns).
-        num_frames: camera frames in the patch (Qwen2.5-VL: 2).
+        num_frames: camera frames in the patch (Qwen2.5-VL: 2); 0 for text.
         position: first (for M-RoPE: temporal) position id of the chunk's tokens.
         max_position: largest position id any of its tokens uses (text
             after the video continues at max_position + 1).
@@ -67,10 +78,11 @@ class VisionChunk:
 
 def _select(camera: torch.Tensor, stamp: torch.Tensor, end_stamp: torch.Tensor,
             cameras: Optional[Sequence[int]], since_ns: int, until_ns: int) -> torch.Tensor:
-    """The one chunk-selection rule (camera in ``cameras``, frames overlapping [since, until])."""
+    """The one chunk-selection rule (camera in ``cameras``, frames overlapping [since, until]; notes pass any
+    camera filter)."""
     ok = torch.ones(camera.shape, dtype=torch.bool)
     if cameras is not None:
-        ok &= torch.isin(camera, torch.tensor(list(cameras), dtype=torch.long))
+        ok &= torch.isin(camera, torch.tensor(list(cameras), dtype=torch.long)) | (camera == NOTE_CAMERA)
     if since_ns > 0:
         ok &= end_stamp >= since_ns
     if until_ns > 0:
@@ -113,6 +125,7 @@ class ChunkLookup:
     * ``by_slot_time``: [n_slots, T] int64 record index at (camera slot, t_local), -1 past a camera's end.
     * host-side: ``n_records``, ``n_slots``, ``n_places``, ``frames_per_slot``,
       ``grid_per_slot`` (largest (rows, cols) per slot), and CPU copies ``slot_cpu`` / ``t_local_cpu``.
+      Every note (camera :data:`NOTE_CAMERA`) is a slot of its own.
 
     Built with vectorised CPU tensor ops and sent with one host-to-device copy.
     """
@@ -120,7 +133,9 @@ class ChunkLookup:
     def __init__(self, cols: dict, device: torch.device) -> None:
         camera, grid_h, grid_w = cols["camera"], cols["grid_h"], cols["grid_w"]
         n = camera.shape[0]
-        cams, slot = torch.unique(camera, sorted=True, return_inverse=True)
+        # one slot per camera, and one per note (keys below -1 never collide with cameras)
+        key = torch.where(camera == NOTE_CAMERA, -2 - cols["chunk_id"], camera)
+        cams, slot = torch.unique(key, sorted=True, return_inverse=True)
         n_slots = cams.shape[0]
         counts = torch.bincount(slot, minlength=n_slots)
         starts = torch.cumsum(counts, 0) - counts
@@ -346,7 +361,7 @@ class ChunkTable:
         of its newest chunk: recent_ratio of the cached tokens counted in
         (pseudo-)frames (InfiniPot-V Sec. 4.2: r = 1/8 of the frames in the
         cache). The token count is the chunks' full size: recent chunks are
-        kept whole by every layer and head. Host-side only (no device read).
+        kept whole by every layer and head. Notes are never recent. Host-side only (no device read).
         """
         if not self._n:
             return torch.zeros(0, dtype=torch.bool), 0
@@ -360,7 +375,7 @@ class ChunkTable:
         newest[slot[last]] = tokens[last]
         # round half to even, as Python's round()
         r = torch.clamp(torch.round(recent_ratio * s_cam / newest.double()), min=1).long()
-        flags = t_local >= frames[slot] - r[slot]
+        flags = (t_local >= frames[slot] - r[slot]) & (self.column("camera") != NOTE_CAMERA)
         return flags, int(tokens[flags].sum())
 
     def _host_lookup(self) -> ChunkLookup:

@@ -100,6 +100,15 @@ class ModelAdapter:
         """
         raise NotImplementedError
 
+    def note_ids(self, text: str, seconds: float = 0.0) -> list[int]:
+        """Token ids of a text event (note) ``seconds`` into the stream, as the model reads it."""
+        raise NotImplementedError
+
+    def prefill_note(self, cache: CappedKVCache, ids: Sequence[int], chunk: VisionChunk, *,
+                     seconds: float = 0.0) -> None:
+        """Prefill a note's ids (from :meth:`note_ids`) as a 1 x k text chunk (camera ``NOTE_CAMERA``)."""
+        raise NotImplementedError
+
     def generate(
         self,
         cache: CappedKVCache,

@@ -42,7 +42,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from ..kv import CappedKVCache, VisionChunk
+from ..kv import NOTE_CAMERA, CappedKVCache, VisionChunk
 from ..kv.cache import RebaseEvent
 from ..kv.rope import TEMPORAL, section_pairs
 from .base import Answer, EncodedPatch, ModelAdapter, TokenCallback
@@ -421,7 +421,8 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         per_chunk = torch.clamp(table.column("position") - p, min=0).clamp(max=delta)
         fixed = p + torch.maximum(table.column("grid_h"), table.column("grid_w")) - 1
         return cache.rebase(per_chunk, inv_freq=self.rope_inv_freq, pairs=section_pairs(self.mrope_section, TEMPORAL),
-                            fixed_max_position=fixed, stream_delta=delta)
+                            fixed_max_position=fixed, stream_delta=delta,
+                            text=table.column("camera") == NOTE_CAMERA)
 
     def rebase_positions(self, cache: CappedKVCache, seconds: float, threshold: int) -> int:
         """Re-base the stream if a chunk ``seconds`` after the stream origin would pass ``threshold``.
@@ -510,6 +511,43 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         chunk = dataclasses.replace(chunk, position=int(pos[0, 0]), max_position=int(pos.max()))
         with cache.vision_chunk(chunk):
             return self._forward(cache, patch.embeds, pos, logits="all" if return_logits else "none")
+
+    # ------------------------------------------------------------------ notes
+    def note_text(self, text: str, seconds: float) -> str:
+        """How a note reads in the stream: the video is closed, the note said, the video reopened
+        (Qwen2.5-VL's template for text between two videos); ``seconds`` since the stream's start."""
+        end = self.tokenizer.convert_ids_to_tokens(self.model.config.vision_end_token_id)
+        return f"{end}Note at {seconds:.1f} s: {text}{self._vision_start_token()}"
+
+    def note_ids(self, text: str, seconds: float = 0.0) -> list[int]:
+        """Token ids of a note (see :meth:`note_text`)."""
+        return self._encode(self.note_text(text, seconds))
+
+    def note_start(self, cache: CappedKVCache, seconds: float) -> int:
+        """First position of a note ``seconds`` into the stream: the temporal position a frame at that
+        time gets (notes sit on the stream's timeline like frames; re-basing moves them alike)."""
+        return int(self.chunk_positions(cache.prefix_length, seconds, 1, 1)[0, 0])
+
+    @torch.inference_mode()
+    def prefill_note(self, cache: CappedKVCache, ids: Sequence[int], chunk: VisionChunk, *,
+                     seconds: float = 0.0) -> None:
+        """Prefill a note's token ids as a text chunk (1 x k, camera NOTE_CAMERA); compresses if the cache fills.
+
+        Text positions: ``note_start + i`` on all three M-RoPE axes (1-D text, as Qwen2.5-VL's
+        ``get_rope_index`` gives text). The chunk's grid must be 1 x len(ids).
+
+        Raises:
+            ValueError: empty ids, or a chunk that is not the note's 1 x k text chunk.
+        """
+        n = len(ids)
+        if n == 0 or (chunk.grid_h, chunk.grid_w) != (1, n) or chunk.camera != NOTE_CAMERA or chunk.num_frames:
+            raise ValueError(f"a note of {n} tokens needs a 1 x {n} text chunk of camera NOTE_CAMERA, got {chunk}")
+        start = self.note_start(cache, seconds)
+        pos = (torch.arange(n) + start).expand(3, -1)
+        chunk = dataclasses.replace(chunk, position=start, max_position=start + n - 1)
+        embeds = self.model.get_input_embeddings()(torch.tensor(list(ids), device=self.device))
+        with cache.vision_chunk(chunk):
+            self._forward(cache, embeds, pos, logits="none")
 
     def _decode_step(self, cache: CappedKVCache) -> StaticDecodeStep:
         """The static decode step bound to ``cache``'s buffers (built again, and re-captured, if they changed)."""

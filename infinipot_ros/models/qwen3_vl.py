@@ -82,7 +82,7 @@ from typing import Any, ClassVar, Optional, Sequence
 import numpy as np
 import torch
 
-from ..kv import CappedKVCache, ChunkTable, ScoringPolicy, VisionChunk, VisionLayout
+from ..kv import NOTE_CAMERA, CappedKVCache, ChunkTable, ScoringPolicy, VisionChunk, VisionLayout
 from .base import EncodedPatch
 from .qwen2_5_vl import _VISIBLE_KW, DEFAULT_SYSTEM_PROMPT, _causal_mask, _make_cache_view
 from .qwen2_vl import Qwen2VLAdapter
@@ -244,6 +244,14 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         duration = max(0, chunk.end_stamp_ns - chunk.stamp_ns) / 1e9
         return self._encode(timestamp_text(seconds, duration)) + [self.vision_start_id], [self.vision_end_id]
 
+    def note_text(self, text: str, seconds: float) -> str:
+        """A note between two frame groups (each group opens and closes its own vision block)."""
+        return f"Note at {seconds:.1f} s: {text}"
+
+    def note_start(self, cache: CappedKVCache, seconds: float) -> int:
+        """Qwen3-VL positions count tokens: a note continues after everything cached."""
+        return self.next_text_position(cache)
+
     def chunk_positions(self, prefix_len: int, seconds: float, grid_h: int, grid_w: int) -> torch.Tensor:
         """Not for Qwen3-VL: its positions follow the cached tokens, not time (see :meth:`patch_positions`).
 
@@ -391,7 +399,7 @@ class FrameTextPolicy(ScoringPolicy):
 
     def score(self, keys, value_norms, layout, *, layers, num_layers, keep):
         table = layout.table
-        text = table.column("num_frames") == 0  # [R]
+        text = (table.column("num_frames") == 0) & (table.column("camera") != NOTE_CAMERA)  # [R] timestamps, ends
         if not bool(text.any()):
             return self.inner.score(keys, value_norms, layout, layers=layers, num_layers=num_layers, keep=keep)
         device = keys.device
@@ -435,7 +443,7 @@ def frame_partners(table: ChunkTable) -> tuple[torch.Tensor, torch.Tensor, torch
     frames = table.column("num_frames")
     cam, stamp, end, cid = (table.column(c) for c in ("camera", "stamp", "end_stamp", "chunk_id"))
     r = frames.shape[0]
-    text = frames == 0
+    text = (frames == 0) & (cam != NOTE_CAMERA)  # notes are no frame's text
     partner = torch.full((r,), -1, dtype=torch.long)
     is_end = torch.zeros(r, dtype=torch.bool)
     if r > 1:

@@ -12,6 +12,9 @@ A thin rclpy layer over :mod:`infinipot_ros.engine`:
 * image callbacks pass each header stamp through the engine's frame gate
   (sampling, time-jump rule), convert sampled frames to RGB and hand the
   newest per camera to the one inference worker; they never wait on the model;
+* ``notes`` (std_msgs/String, ``stream.notes_topic``): text events stamped with
+  the node clock on arrival and appended to the stream (compressed under the
+  same cap, visible to since/until, counted in status ``notes_*``);
 * ``ask`` (infinipot_ros/srv/Ask) and the ``ask_stream`` action
   (infinipot_ros/action/Ask: answer pieces as feedback, cancel within one
   token) answer with an error code instead of raising;
@@ -41,6 +44,7 @@ from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import String
 
 from ..action import Ask as AskAction
 from ..engine import (
@@ -165,11 +169,15 @@ class AssistantNode(LifecycleNode):
                 msg_type, topic, lambda msg, t=topic: self._on_image(t, msg),
                 qos_profile_sensor_data, callback_group=self._images_group,
             ))
+        if self.settings.notes_topic:
+            self._subs.append(self.create_subscription(
+                String, self.settings.notes_topic, self._on_note, 50, callback_group=self._images_group))
         self._ingesting = True
         self._state = EngineState.READY
         self.get_logger().info(
             f"active: subscribing to {self.settings.image_topics} at {self._engine.config.frame_rate_hz} Hz "
-            f"(by header stamp); image conversion: {conversion_backend()}")
+            f"(by header stamp); image conversion: {conversion_backend()}; notes: "
+            f"{self.settings.notes_topic or 'off'}")
         self.publish_status()
         return super().on_activate(state)
 
@@ -315,6 +323,13 @@ class AssistantNode(LifecycleNode):
             return
         worker.submit_frame(camera, frame, stamp_ns, epoch=epoch)
 
+    def _on_note(self, msg: String) -> None:
+        """A text event: stamped with the node clock on arrival (std_msgs/String has no header)."""
+        worker = self._worker
+        if worker is None or not self._ingesting:
+            return
+        worker.submit_note(msg.data, self.get_clock().now().nanoseconds, source=self.settings.notes_topic)
+
     def _on_clock_jump(self, jump) -> None:
         engine = self._engine
         delta = jump.delta.nanoseconds / 1e9
@@ -329,7 +344,8 @@ class AssistantNode(LifecycleNode):
 
     def _on_ingested(self, result: IngestResult) -> None:
         if result.status is IngestStatus.REJECTED:
-            self.get_logger().warning(f"{result.camera}: frame rejected: {result.error}", throttle_duration_sec=5.0)
+            what = "note" if result.camera == self.settings.notes_topic else "frame"
+            self.get_logger().warning(f"{result.camera}: {what} rejected: {result.error}", throttle_duration_sec=5.0)
         elif result.status is IngestStatus.INGESTED:
             if result.compression is not None:
                 ev = result.compression

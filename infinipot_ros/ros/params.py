@@ -33,9 +33,13 @@ class NodeSettings:
         status_period_s: status and diagnostics period (s); live.
         autostart: configure and activate by itself at start (a plain node);
             False = wait for lifecycle transitions (``ros2 lifecycle set``, a lifecycle manager).
+        notes_topic: std_msgs/String topic of text events (operator notes, transcripts,
+            detector labels) appended to the stream, stamped with the node's clock on
+            arrival; "" = none.
     """
 
     image_topics: List[str] = field(default_factory=lambda: ["/camera/image_raw"])
+    notes_topic: str = "notes"
     status_period_s: float = 1.0
     autostart: bool = True
 
@@ -111,6 +115,12 @@ PARAMETERS: List[Param] = [
           (0, 1 << 30)),
     Param("stream.image_topics", "image_topics",
           "camera topics; names ending in /compressed subscribe sensor_msgs/CompressedImage, others sensor_msgs/Image"),
+    Param("stream.notes_topic", "notes_topic",
+          "std_msgs/String text events (operator notes, transcripts, detector labels) appended to the stream, "
+          "stamped with the node clock on arrival, compressed under the same cap; \"\" = none"),
+    Param("stream.max_note_tokens", "max_note_tokens",
+          "longest text event accepted (tokens, template included); longer ones are rejected and counted",
+          (1, 1 << 16)),
     Param("stream.frame_rate_hz", "frame_rate_hz",
           "frames per second sampled per camera by header stamp; 0 = every frame", (0.0, 120.0)),
     Param("stream.time_jump_reset_s", "time_jump_s",

@@ -26,6 +26,7 @@ STATE_NAMES = {v: k.value for k, v in _STATES.items()}
 def _u32(x: Optional[int]) -> int:
     return max(0, min(int(x or 0), 2**32 - 1))
 
+
 #: Order of the rejection reasons in CacheStatus/CameraStatus ``rejected_reasons``: the conversion
 #: reasons, then the engine's; any other name a caller counted comes after them, sorted.
 REASON_ORDER = REJECT_REASONS + ENGINE_REJECT_REASONS
@@ -36,7 +37,6 @@ def rejected_arrays(by_reason: dict) -> tuple[list, list]:
     """(reasons, counts) of the reasons with a count > 0, in :data:`REASON_ORDER`."""
     names = sorted((r for r, n in by_reason.items() if n > 0), key=lambda r: (_RANK.get(r, len(_RANK)), r))
     return names, [int(by_reason[r]) for r in names]
-
 
 
 def to_cache_status(stats: EngineStats, stamp: Time, frame_id: str = "") -> CacheStatus:
@@ -75,6 +75,9 @@ def to_cache_status(stats: EngineStats, stamp: Time, frame_id: str = "") -> Cach
     msg.frames_stamp_dropped = f.stamp_dropped
     msg.time_jumps = _u32(stats.time_jumps)
     msg.memory_source = stats.memory_source
+    n = stats.notes
+    msg.notes_received, msg.notes_ingested, msg.notes_rejected = n.received, n.ingested, n.rejected
+    msg.notes_in_cache, msg.note_tokens = _u32(n.in_cache), _u32(n.tokens_in_cache)
     msg.last_saved = ns_to_time(int(stats.last_saved_unix_s * 1e9))
     for cam in stats.cameras:
         c_msg = CameraStatus(camera_id=cam.camera, frames_received=cam.frames.received,
@@ -115,6 +118,9 @@ def to_diagnostics(stats: EngineStats, stamp: Time, node_name: str) -> Diagnosti
         "frames_rejected": stats.frames.rejected,
         "frames_stamp_dropped": stats.frames.stamp_dropped,
         "time_jumps": stats.time_jumps,
+        "notes_ingested": stats.notes.ingested,
+        "notes_rejected": stats.notes.rejected,
+        "notes_in_cache": stats.notes.in_cache,
         "memory": stats.memory_source,
         "ingest_fps": f"{stats.ingest_fps:.2f}",
         "process_rss_MB": f"{stats.rss_bytes / 1e6:.1f}",

@@ -306,3 +306,42 @@ def test_real_ros2_lifecycle_and_param_commands(graph):
     rc, out = ros2("lifecycle", "set", NODE, "shutdown")
     assert rc == 0 and "Transitioning successful" in out, out
     assert g.node._engine is None
+
+
+def test_notes_topic_appends_text_events(graph, vtest_frames):
+    """std_msgs/String on /notes (rclpy and the real `ros2 topic pub`): stamped on arrival, in the cache,
+    counted in status, visible to a question's time window."""
+    from std_msgs.msg import String
+
+    g, (frames, stamps) = graph, vtest_frames
+    _activate(g)
+    pub = g.client.create_publisher(String, "/notes", 10)
+    assert _wait(lambda: pub.get_subscription_count() > 0, 10)
+    g.publish(FRONT, frames[:4], stamps[:4])
+    assert _wait(lambda: g.node.stats().frames.ingested == 4, 60)
+    pub.publish(String(data="The robot's name is Zorblax."))
+    pub.publish(String(data=""))  # empty: rejected and counted
+    assert _wait(lambda: g.node.stats().notes.received == 2, 20)
+    assert _wait(lambda: g.statuses and g.statuses[-1].notes_ingested == 1 and g.statuses[-1].notes_rejected == 1, 10)
+    st = g.statuses[-1]
+    assert st.notes_in_cache == 1 and st.note_tokens > 0
+    assert st.vision_tokens == sum(c.tokens_in_cache for c in st.cameras) + st.note_tokens
+    if ROS2:
+        for _ in range(3):  # the 2-core CI machine: discovery can be slow
+            subprocess.run([ROS2, "topic", "pub", "--once", "-w", "1", "/notes", "std_msgs/msg/String",
+                            "{data: 'operator: the door is locked'}"], capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ))
+            if _wait(lambda: g.node.stats().notes.ingested == 2, 10):
+                break
+        assert g.node.stats().notes.ingested == 2
+    # the notes are stamped with the node clock (now), after the frames: a window ending at the frames hides them
+    from builtin_interfaces.msg import Time
+
+    res = g.call(question="What is the robot's name?", until=Time(sec=stamps[3] // 10**9, nanosec=stamps[3] % 10**9))
+    assert res.success, res.error
+    newest_note = int(g.node._engine.cache.table.column("end_stamp").max())
+    assert newest_note > stamps[3]
+    res_all = g.call(question="What is the robot's name?")
+    stamp = res_all.newest_frame_stamp
+    assert res_all.success and stamp.sec * 10**9 + stamp.nanosec == newest_note
+    assert (res.newest_frame_stamp.sec, res.newest_frame_stamp.nanosec) == (stamps[3] // 10**9, stamps[3] % 10**9)
