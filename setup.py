@@ -43,6 +43,8 @@ setup(
             "infinipot-status=infinipot_ros.tools.ask_client:status_main",
             "infinipot-assistant=infinipot_ros.ros.node:main",
             "infinipot-bt-demo=infinipot_ros.tools.bt_demo:main",
+            "infinipot-eval=infinipot_ros.tools.eval:main",
+            "infinipot-policies=infinipot_ros.tools.policies:main",
         ],
     },
 )
