@@ -146,6 +146,7 @@ class CacheStats:
     frames_in_cache: int
     oldest_stamp_ns: int  # 0 when empty
     newest_stamp_ns: int  # 0 when empty
+    rebases: int = 0  # re-bases of the stream's positions since start (unbounded uptime)
 
     @property
     def tokens(self) -> int:
@@ -839,4 +840,5 @@ class CappedKVCache:
             frames_in_cache=self.table.frames(),
             oldest_stamp_ns=oldest,
             newest_stamp_ns=newest,
+            rebases=self.rebases,
         )

@@ -100,6 +100,14 @@ class ModelAdapter:
         """
         raise NotImplementedError
 
+    def rebase_positions(self, cache: CappedKVCache, seconds: float, threshold: int) -> int:
+        """Re-base the cached stream's positions if a chunk ``seconds`` into the stream would pass ``threshold``.
+
+        Returns how far (ns) the stream clock's origin must move forward; 0 when nothing was done.
+        Default: never (a family without re-basing; see the Qwen2.5-VL adapter for the rule).
+        """
+        return 0
+
     def note_ids(self, text: str, seconds: float = 0.0) -> list[int]:
         """Token ids of a text event (note) ``seconds`` into the stream, as the model reads it."""
         raise NotImplementedError

@@ -61,6 +61,7 @@ def to_cache_status(stats: EngineStats, stamp: Time, frame_id: str = "") -> Cach
         msg.vision_tokens_budget = _u32(c.max_vision_tokens)
         msg.compressions_total = _u32(c.compressions)
         msg.tokens_evicted_total = c.tokens_evicted
+        msg.rebases_total = _u32(c.rebases)
         msg.frames_in_cache = _u32(c.frames_in_cache)
         msg.oldest_frame_stamp = ns_to_time(c.oldest_stamp_ns)
         msg.newest_frame_stamp = ns_to_time(c.newest_stamp_ns)
@@ -132,6 +133,7 @@ def to_diagnostics(stats: EngineStats, stamp: Time, node_name: str) -> Diagnosti
             "vision_tokens": c.vision_tokens,
             "vision_tokens_budget": c.max_vision_tokens or 0,
             "compressions": c.compressions,
+            "rebases": c.rebases,
             "last_compression_ms": f"{c.last_compression_ms:.2f}",
         })
         if c.max_vision_tokens and c.vision_tokens > c.max_vision_tokens and st.level == DiagnosticStatus.OK:
