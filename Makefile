@@ -42,7 +42,7 @@ setup: venv build model data
 
 # ---------------------------------------------------------------- venv + deps
 venv: $(STAMPS)/deps
-$(STAMPS)/deps: requirements/engine.txt requirements/torch.txt requirements/ros-pypi.txt setup.py
+$(STAMPS)/deps: requirements/engine.txt requirements/torch.txt requirements/ros-pypi.txt requirements/no-deps.txt setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(if $(filter system,$(ROS_SOURCE)),--system-site-packages) $(VENV)
 	$(PIP) install -q --upgrade pip
 ifeq ($(TORCH),system)
@@ -51,6 +51,7 @@ else
 	$(PIP) install -q -r requirements/torch.txt
 endif
 	$(PIP) install -q -r requirements/engine.txt
+	$(PIP) install -q --no-deps -r requirements/no-deps.txt
 ifeq ($(ROS_SOURCE),pypi)
 	$(PIP) install -q -r requirements/ros-pypi.txt
 	@if [ -n "$(ROS2_TOOLS)" ]; then \
