@@ -10,6 +10,11 @@ Each kept video frame becomes one ``sensor_msgs/msg/Image`` (rgb8 or bgr8) or
   reproduces the video's timing;
 * ``header.frame_id`` as given (default ``camera``).
 
+Frames come from the tools' one reader (:class:`.video.VideoReader`): its
+frame-rate rule (``--fps`` > the file's when sane > 30) and its handling of
+damaged files (undecodable frames skipped and counted, their stamp slots left
+empty; no bag at all when no frame decodes).
+
 Compatibility: messages use the ``ROS2_HUMBLE`` rosbags typestore (the
 sensor_msgs/Image, CompressedImage, std_msgs/Header and builtin_interfaces/Time
 definitions are identical from Humble to kilted, RIHS01 hashes included), and
@@ -23,6 +28,7 @@ CLI: ``infinipot-video-to-bag VIDEO BAG [options]`` (see ``--help``).
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 from dataclasses import dataclass
@@ -32,6 +38,8 @@ from typing import Optional, Sequence, Union
 
 import cv2
 import numpy as np
+
+from .video import ReadStats, VideoError, VideoReader
 
 __all__ = ["BagSummary", "BagWriterError", "write_video_to_bag", "main", "DEFAULT_TOPIC"]
 
@@ -58,6 +66,10 @@ class BagSummary:
             and last message, nanoseconds since the epoch (0 when nothing was written).
         topic: the topic written.
         msgtype: ``sensor_msgs/msg/Image`` or ``sensor_msgs/msg/CompressedImage``.
+        frames_skipped: undecodable video frames skipped (their stamp slots stay empty).
+        frames_missing: frames the video header announced that were never read (truncated file).
+        fps: frame rate of the stamps (frames per second).
+        fps_source: ``"given"`` (--fps), ``"header"`` or ``"default"`` (30; see :func:`.video.resolve_fps`).
     """
 
     frames: int
@@ -65,6 +77,10 @@ class BagSummary:
     last_stamp_ns: int
     topic: str
     msgtype: str
+    frames_skipped: int = 0
+    frames_missing: int = 0
+    fps: float = 0.0
+    fps_source: str = ""
 
 
 def _seconds_to_ns(seconds: Union[float, int, str, Decimal]) -> int:
@@ -127,15 +143,18 @@ def write_video_to_bag(
         compressed: write ``sensor_msgs/msg/CompressedImage`` (jpeg,
             format ``"<encoding>; jpeg compressed bgr8"`` as image_transport).
         jpeg_quality: 1..100 for ``compressed``.
-        fps: override the video's frame rate (needed when the container has none).
+        fps: frame rate of the stamps (frames per second); None = the file's
+            when sane, else 30 (:func:`.video.resolve_fps`, the rule of every tool).
         progress: tqdm progress bar on stderr; None = only when stderr is a tty.
 
     Returns:
         :class:`BagSummary`.
 
     Raises:
-        BagWriterError: bad option, bag path exists, video cannot be opened or
-            has no usable frame rate. Stamps are written in nanoseconds.
+        BagWriterError: bad option, bag path exists, video cannot be opened
+            or has no decodable frame (no bag is created then), naming the
+            file. Undecodable frames are skipped and counted
+            (``frames_skipped``, also in the bag's custom data).
     """
     from rosbags.rosbag2 import StoragePlugin, Writer
     from rosbags.typesys import Stores, get_typestore
@@ -164,92 +183,94 @@ def write_video_to_bag(
     if not video_path.is_file():
         raise BagWriterError(f"video file {video_path} does not exist")
 
-    cap = cv2.VideoCapture(str(video_path))
     try:
-        if not cap.isOpened():
-            raise BagWriterError(f"OpenCV cannot open video {video_path}")
-        video_fps = fps if fps is not None else float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
-        if not (math.isfinite(video_fps) and video_fps > 0):
-            raise BagWriterError(f"video {video_path} reports no frame rate; pass --fps")
-        total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-        expected = (total + every - 1) // every if total > 0 else None
-        if expected is not None and max_frames is not None:
-            expected = min(expected, max_frames)
+        reader = VideoReader(str(video_path), fps=fps, every=every, color="bgr",
+                             max_frames=max_frames if max_frames else 0)
+    except (OSError, ValueError) as exc:
+        raise BagWriterError(str(exc)) from None
+    video_fps = reader.fps
+    frames = iter(reader)
+    first = None
+    if max_frames != 0:
+        try:  # the first frame before the bag exists: a video with none leaves no bag behind
+            first = next(frames, None)
+        except VideoError as exc:
+            raise BagWriterError(str(exc)) from None
+    total = reader.info.frame_count
+    expected = (total + every - 1) // every if total > 0 else None
+    if expected is not None and max_frames is not None:
+        expected = min(expected, max_frames)
 
-        typestore = get_typestore(Stores.ROS2_HUMBLE)
-        Time = typestore.types["builtin_interfaces/msg/Time"]
-        Header = typestore.types["std_msgs/msg/Header"]
-        msgtype = COMPRESSED_MSGTYPE if compressed else IMAGE_MSGTYPE
-        Msg = typestore.types[msgtype]
+    typestore = get_typestore(Stores.ROS2_HUMBLE)
+    Time = typestore.types["builtin_interfaces/msg/Time"]
+    Header = typestore.types["std_msgs/msg/Header"]
+    msgtype = COMPRESSED_MSGTYPE if compressed else IMAGE_MSGTYPE
+    Msg = typestore.types[msgtype]
 
-        use_bar = sys.stderr.isatty() if progress is None else progress
-        bar = None
-        if use_bar:
-            from tqdm import tqdm
+    use_bar = sys.stderr.isatty() if progress is None else progress
+    bar = None
+    if use_bar:
+        from tqdm import tqdm
 
-            bar = tqdm(total=expected, unit="frame", desc=f"{video_path.name} -> {bag_path.name}",
-                       file=sys.stderr)
+        bar = tqdm(total=expected, unit="frame", desc=f"{video_path.name} -> {bag_path.name}", file=sys.stderr)
 
-        written = 0
-        first_ns = last_ns = 0
-        plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
-        writer = Writer(bag_path, version=_BAG_VERSION, storage_plugin=plugin)
-        writer.set_custom_data("infinipot.source_video", video_path.name)
-        writer.set_custom_data("infinipot.video_fps", repr(video_fps))
-        try:
-            writer.open()
-            conn = writer.add_connection(topic, msgtype, typestore=typestore)
-            index = -1
-            out_size = None
-            while max_frames is None or written < max_frames:
-                if not cap.grab():
-                    break
-                index += 1
-                if index % every:
-                    continue
-                ok, bgr = cap.retrieve()
-                if not ok or bgr is None:
-                    break
-                if bgr.ndim == 2:
-                    bgr = cv2.cvtColor(bgr, cv2.COLOR_GRAY2BGR)
-                if out_size is None:
-                    out_size = _target_size(bgr.shape[1], bgr.shape[0], width, height)
-                if out_size != (bgr.shape[1], bgr.shape[0]):
-                    bgr = cv2.resize(bgr, out_size, interpolation=cv2.INTER_AREA)
-                stamp_ns = start_ns + int(round(index * 1e9 / video_fps))
-                header = Header(stamp=Time(sec=stamp_ns // 1_000_000_000, nanosec=stamp_ns % 1_000_000_000),
-                                frame_id=frame_id)
-                if compressed:
-                    ok, jpg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
-                    if not ok:
-                        raise BagWriterError(f"JPEG encoding failed for frame {index}")
-                    msg = Msg(header=header, format=f"{encoding}; jpeg compressed bgr8",
-                              data=np.asarray(jpg, dtype=np.uint8).reshape(-1))
-                else:
-                    pixels = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB) if encoding == "rgb8" else bgr
-                    h, w = pixels.shape[:2]
-                    msg = Msg(header=header, height=h, width=w, encoding=encoding, is_bigendian=0,
-                              step=w * 3, data=np.ascontiguousarray(pixels).reshape(-1))
-                writer.write(conn, stamp_ns, typestore.serialize_cdr(msg, msgtype))
-                if written == 0:
-                    first_ns = stamp_ns
-                last_ns = stamp_ns
-                written += 1
-                if bar is not None:
-                    bar.update(1)
-        except BaseException:
+    written = 0
+    first_ns = last_ns = 0
+    plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
+    writer = Writer(bag_path, version=_BAG_VERSION, storage_plugin=plugin)
+    writer.set_custom_data("infinipot.source_video", video_path.name)
+    writer.set_custom_data("infinipot.video_fps", repr(video_fps))
+    writer.set_custom_data("infinipot.video_fps_source", reader.info.fps_source)
+    try:
+        writer.open()
+        conn = writer.add_connection(topic, msgtype, typestore=typestore)
+        out_size = None
+        for index, offset_ns, bgr in itertools.chain([first] if first is not None else [], frames):
+            if out_size is None:
+                out_size = _target_size(bgr.shape[1], bgr.shape[0], width, height)
+            if out_size != (bgr.shape[1], bgr.shape[0]):
+                bgr = cv2.resize(bgr, out_size, interpolation=cv2.INTER_AREA)
+            stamp_ns = start_ns + offset_ns
+            header = Header(stamp=Time(sec=stamp_ns // 1_000_000_000, nanosec=stamp_ns % 1_000_000_000),
+                            frame_id=frame_id)
+            if compressed:
+                ok, jpg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
+                if not ok:
+                    raise BagWriterError(f"JPEG encoding failed for frame {index}")
+                msg = Msg(header=header, format=f"{encoding}; jpeg compressed bgr8",
+                          data=np.asarray(jpg, dtype=np.uint8).reshape(-1))
+            else:
+                pixels = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB) if encoding == "rgb8" else bgr
+                h, w = pixels.shape[:2]
+                msg = Msg(header=header, height=h, width=w, encoding=encoding, is_bigendian=0,
+                          step=w * 3, data=np.ascontiguousarray(pixels).reshape(-1))
+            writer.write(conn, stamp_ns, typestore.serialize_cdr(msg, msgtype))
+            if written == 0:
+                first_ns = stamp_ns
+            last_ns = stamp_ns
+            written += 1
             if bar is not None:
-                bar.close()
-            if writer.storage is not None:
-                writer.close()  # keep what was written (e.g. after Ctrl-C) as a valid bag
-            raise
-        writer.close()
+                bar.update(1)
+    except BaseException:
         if bar is not None:
             bar.close()
-    finally:
-        cap.release()
-    return BagSummary(frames=written, first_stamp_ns=first_ns, last_stamp_ns=last_ns,
-                      topic=topic, msgtype=msgtype)
+        if writer.storage is not None:
+            _note_counts(writer, reader.stats)
+            writer.close()  # keep what was written (e.g. after Ctrl-C) as a valid bag
+        raise
+    _note_counts(writer, reader.stats)
+    writer.close()
+    if bar is not None:
+        bar.close()
+    return BagSummary(frames=written, first_stamp_ns=first_ns, last_stamp_ns=last_ns, topic=topic,
+                      msgtype=msgtype, frames_skipped=reader.stats.skipped, frames_missing=reader.stats.missing,
+                      fps=video_fps, fps_source=reader.info.fps_source)
+
+
+def _note_counts(writer, stats: ReadStats) -> None:
+    """The reader's damage counts in the bag's custom data (metadata.yaml)."""
+    writer.set_custom_data("infinipot.frames_skipped", str(stats.skipped))
+    writer.set_custom_data("infinipot.frames_missing", str(stats.missing))
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -272,7 +293,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=int, default=None, metavar="N", help="write at most N messages")
     p.add_argument("--width", type=int, default=None, help="resize to this width (INTER_AREA)")
     p.add_argument("--height", type=int, default=None, help="resize to this height (INTER_AREA)")
-    p.add_argument("--fps", type=float, default=None, help="override the video frame rate")
+    p.add_argument("--fps", type=float, default=None,
+                   help="video frame rate of the stamps (default: the file's when sane, else 30)")
     p.add_argument("--compressed", action="store_true",
                    help="write sensor_msgs/CompressedImage (jpeg) instead of raw Image")
     p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1..100 (default 90)")
@@ -309,7 +331,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     span = (summary.last_stamp_ns - summary.first_stamp_ns) / 1e9
     print(f"wrote {summary.frames} {summary.msgtype} messages on {summary.topic} to {args.bag} "
-          f"({args.storage}, {span:.3f} s of stamps starting {summary.first_stamp_ns / 1e9:.3f})")
+          f"({args.storage}, {span:.3f} s of stamps starting {summary.first_stamp_ns / 1e9:.3f}, "
+          f"{summary.fps:g} fps from {summary.fps_source}); {summary.frames_skipped} undecodable frame(s) "
+          f"skipped, {summary.frames_missing} announced by the video header never read")
     return 0
 
 

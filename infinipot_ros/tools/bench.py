@@ -39,7 +39,9 @@ checkpoint's shapes once (infinipot_ros.models.shapes; tiny vocabulary) and
 every child loads it (GPU: --device cuda, bf16).
 
 --json-out FILE: {"runs": [{"policy", "kv_bytes_budget", "compression_share",
-"compressions", "frames_read", "tokens_per_patch", "bytes_per_token", "warmup_ask_s",
+"compressions", "frames_read", "frames_skipped" (undecodable video frames),
+"frames_missing" (announced by the video header, never read), "tokens_per_patch",
+"bytes_per_token", "warmup_ask_s",
 "points": [{"fraction", "frame", "stamp_s", "kv_bytes", "kv_bytes_reserved",
 "rss_bytes", "py_heap_bytes", "cuda_allocated_bytes", "cuda_peak_bytes",
 "ms_per_patch", "encode_ms", "prefill_ms", "compression_ms", "ttft_s",
@@ -80,7 +82,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 from ..models.static_decode import DECODE_MODES
-from .video import iter_video, probe_video
+from .video import VideoReader, iter_video, probe_video
 
 PROG = "infinipot-bench"
 FRACTIONS = (0.10, 0.25, 0.50, 1.00)
@@ -371,7 +373,8 @@ def _worker(args: argparse.Namespace) -> int:
     bar = tqdm(total=frames, unit="frame", desc=policy, disable=not args.progress, file=sys.stderr,
                mininterval=0.5, dynamic_ncols=True)
     try:
-        for index, stamp_ns, frame in iter_video(args.video, max_frames=frames, loops=args.loops):
+        reader = VideoReader(args.video, max_frames=frames, loops=args.loops)
+        for index, stamp_ns, frame in reader:
             read += 1
             last = (index, stamp_ns)
             if eng.admit(CAMERA, stamp_ns) in (GateDecision.ACCEPT, GateDecision.RESTART):
@@ -415,6 +418,7 @@ def _worker(args: argparse.Namespace) -> int:
         "device_name": torch.cuda.get_device_name(dev) if cuda else f"cpu ({os.cpu_count()} cores)",
         "dtype": str(eng.adapter.dtype).replace("torch.", ""), "torch": torch.__version__,
         "frames": frames, "frames_read": read, "frames_sampled": sampled, "ingest_rejected": rejected,
+        "frames_skipped": reader.stats.skipped, "frames_missing": reader.stats.missing,
         "patches": rows.n, "tokens_per_patch": tokens_per_patch, "bytes_per_token": int(st.bytes_per_token),
         "chunk_bytes": tokens_per_patch * int(st.bytes_per_token), "prefix_tokens": int(st.prefix_tokens),
         "max_vision_tokens": st.max_vision_tokens, "target_vision_tokens": st.target_vision_tokens,
