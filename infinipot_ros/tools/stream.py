@@ -19,6 +19,12 @@ Questions (multi-turn, paper Sec. 5):
   question may contain colons.
 * ``--ask QUESTION`` (repeatable) is asked after the last frame.
 
+Text events: ``--note-at SECONDS:TEXT`` (repeatable) appends TEXT to the
+stream at SECONDS of video time, stamped SECONDS (like the node's ``notes``
+topic): once every frame stamped <= SECONDS was offered, before a question
+asked at the same time. The note is a chunk of the stream, compressed under
+the same cap, visible to the questions asked after it.
+
 With --json the tool prints one JSON object per line:
 
 * per sampled frame: {"frame", "stamp", "status", "kv_tokens", "vision_tokens",
@@ -30,6 +36,7 @@ With --json the tool prints one JSON object per line:
   --ask), "newest_stamp" the newest frame it could see (s), the kv_* and
   vision_tokens figures are the cache after the answer, "kv_bytes_during" the
   most KV bytes in use while answering (question + answer included).
+* per note: {"note", "at", "status", "tokens", "kv_tokens", "vision_tokens"} (+ "error")
 * one summary object: {"summary": {...}}; "kv_bytes_peak" is the most KV bytes
   in use at any point: after every ingest, while a patch was prefilled before
   the compression it triggered, and while answering.
@@ -50,7 +57,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Optional, Sequence, Union
 
 from ..models.static_decode import DECODE_MODES
-from .video import iter_video
+from .video import ReadStats, VideoReader
 
 log = logging.getLogger("infinipot-stream")
 
@@ -85,22 +92,54 @@ class TimedQuestion:
             raise ValueError(f"ask time must be a finite number of seconds >= 0, got {self.at_s}")
 
 
+@dataclass(frozen=True)
+class TimedNote:
+    """A text event appended to the stream at ``at_s`` seconds of video time (stamped so)."""
+
+    text: str
+    at_s: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.text, str) or not self.text.strip():
+            raise ValueError("note is empty")
+        if not (math.isfinite(self.at_s) and self.at_s >= 0):
+            raise ValueError(f"note time must be a finite number of seconds >= 0, got {self.at_s}")
+
+
+def _split_timed(text: str, option: str, what: str) -> tuple[float, str]:
+    """``"SECONDS:REST"`` -> (seconds, rest stripped); only the first ':' separates."""
+    head, sep, rest = text.partition(":")
+    if not sep:
+        raise ValueError(f"{option} wants SECONDS:{what.upper()}, got {text!r}")
+    try:
+        at_s = float(head.strip())
+    except ValueError:
+        raise ValueError(f"{option}: {head.strip()!r} is not a number of seconds (in {text!r})") from None
+    if not (math.isfinite(at_s) and at_s >= 0):
+        raise ValueError(f"{option}: seconds must be finite and >= 0 (in {text!r})")
+    if not rest.strip():
+        raise ValueError(f"{option}: empty {what} in {text!r}")
+    return at_s, rest.strip()
+
+
+def parse_note_at(text: str) -> TimedNote:
+    """``"SECONDS:TEXT"`` -> :class:`TimedNote`; only the first ':' separates.
+
+    Raises:
+        ValueError: no ':', SECONDS not a number >= 0, or an empty text.
+    """
+    at_s, note = _split_timed(text, "--note-at", "text")
+    return TimedNote(note, at_s)
+
+
 def parse_ask_at(text: str) -> TimedQuestion:
     """``"SECONDS:QUESTION"`` -> :class:`TimedQuestion`; only the first ':' separates.
 
     Raises:
         ValueError: no ':', SECONDS not a number >= 0, or an empty question.
     """
-    head, sep, question = text.partition(":")
-    if not sep:
-        raise ValueError(f"--ask-at wants SECONDS:QUESTION, got {text!r}")
-    try:
-        at_s = float(head.strip())
-    except ValueError:
-        raise ValueError(f"--ask-at: {head.strip()!r} is not a number of seconds (in {text!r})") from None
-    if not question.strip():
-        raise ValueError(f"--ask-at: empty question in {text!r}")
-    return TimedQuestion(question.strip(), at_s)
+    at_s, question = _split_timed(text, "--ask-at", "question")
+    return TimedQuestion(question, at_s)
 
 
 # -------------------------------------------------------------------- records
@@ -152,7 +191,26 @@ class AnswerRecord:
         return out
 
 
-StreamEvent = Union[FrameRecord, AnswerRecord]
+@dataclass
+class NoteRecord:
+    """One text event offered to the stream (the per-note JSON line); cache figures are after it."""
+
+    note: str
+    at: float  # video time it was appended at (s), also its stamp
+    status: str  # IngestStatus value: ingested or rejected
+    tokens: int  # tokens the note added (0 if rejected)
+    kv_tokens: int
+    vision_tokens: int  # vision + note tokens per layer and KV head
+    error: str = ""
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        if not self.error:
+            del out["error"]
+        return out
+
+
+StreamEvent = Union[FrameRecord, AnswerRecord, NoteRecord]
 
 
 class VideoSession:
@@ -170,20 +228,24 @@ class VideoSession:
         max_new_tokens: answer cap (0 = the engine's).
         context_s: > 0 limits what an answer sees to frames stamped within
             this many seconds before its ask time (0 = the whole cache).
+        notes: text events appended at their times (before a question at the same time);
+            those past the end after the last frame, before the questions left.
         stop_when_answered: stop reading once every question is answered
             (none is left for after the last frame); the eval harness streams
             a video only as far as its last question.
 
     :meth:`events` yields a :class:`FrameRecord` per sampled frame and an
     :class:`AnswerRecord` per question, in stream order. Totals are on the
-    session afterwards: ``frames_read``, ``last_stamp_s``, ``kv_bytes_peak``
+    session afterwards: ``frames_read``, ``video_stats`` (:class:`~.video.ReadStats`:
+    undecodable frames skipped, frames the header announced but never read),
+    ``last_stamp_s``, ``kv_bytes_peak``
     (bytes in use, see the module doc), ``rss_bytes_peak``, ``ingest_ms`` (sum
     over sampled frames) and ``records``.
     """
 
     def __init__(self, engine, path: str, questions: Sequence[TimedQuestion] = (), *, max_frames: int = 0,
                  camera: str = "video", max_new_tokens: int = 0, context_s: float = 0.0,
-                 stop_when_answered: bool = False) -> None:
+                 stop_when_answered: bool = False, notes: Sequence[TimedNote] = ()) -> None:
         if context_s < 0:
             raise ValueError(f"context_s must be >= 0, got {context_s}")
         self.engine = engine
@@ -191,6 +253,7 @@ class VideoSession:
         timed = [q for q in questions if q.at_s is not None]
         self._timed = sorted(timed, key=lambda q: q.at_s)  # stable: equal times keep their order
         self._at_end = [q for q in questions if q.at_s is None]
+        self._notes = sorted(notes, key=lambda n: n.at_s)
         self.max_frames = max_frames
         self.camera = camera
         self.max_new_tokens = max_new_tokens
@@ -201,6 +264,7 @@ class VideoSession:
         self.kv_bytes_peak = 0
         self.rss_bytes_peak = 0
         self.ingest_ms = 0.0
+        self.video_stats = ReadStats()
         self.records: list[StreamEvent] = []
 
     def events(self) -> Iterator[StreamEvent]:
@@ -216,9 +280,15 @@ class VideoSession:
         self._tokens = st.cache.tokens
         self.kv_bytes_peak = max(self.kv_bytes_peak, st.cache.kv_bytes)
         pending = list(self._timed)
-        for index, stamp_ns, frame in iter_video(self.path, self.max_frames):
-            while pending and stamp_ns > round(pending[0].at_s * 1e9):
-                yield self._emit(self._ask(pending.pop(0)))
+        notes = list(self._notes)
+        reader = VideoReader(self.path, max_frames=self.max_frames)
+        self.video_stats = reader.stats
+        for index, stamp_ns, frame in reader:
+            while (notes and stamp_ns > round(notes[0].at_s * 1e9)) or (pending and stamp_ns > round(pending[0].at_s * 1e9)):
+                if notes and (not pending or notes[0].at_s <= pending[0].at_s):
+                    yield self._emit(self._note(notes.pop(0)))
+                else:
+                    yield self._emit(self._ask(pending.pop(0)))
             if self.stop_when_answered and not pending:
                 break
             self.frames_read += 1
@@ -238,8 +308,18 @@ class VideoSession:
                 vision_tokens=st.cache.vision_tokens, kv_bytes=st.cache.kv_bytes, rss_bytes=st.rss_bytes,
                 ms=round(result.ms, 3), compressed=result.compression is not None, error=result.error,
             ))
+        for n in notes:
+            yield self._emit(self._note(n))
         for q in pending + self._at_end:
             yield self._emit(self._ask(q))
+
+    def _note(self, n: TimedNote) -> NoteRecord:
+        result = self.engine.add_note(n.text, round(n.at_s * 1e9))
+        st = self.engine.stats().cache
+        self.kv_bytes_peak = max(self.kv_bytes_peak, st.kv_bytes, (self._tokens + result.chunk_tokens) * self._bpt)
+        self._tokens = st.tokens
+        return NoteRecord(note=n.text, at=n.at_s, status=result.status.value, tokens=result.chunk_tokens,
+                          kv_tokens=st.tokens, vision_tokens=st.vision_tokens, error=result.error)
 
     def _emit(self, record: StreamEvent) -> StreamEvent:
         self.records.append(record)
@@ -298,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ask-at", action="append", default=[], metavar="SECONDS:QUESTION",
                    help="question asked during the stream, once the frames stamped <= SECONDS (video time) "
                         "were ingested; its tokens are removed after answering (repeatable)")
+    p.add_argument("--note-at", action="append", default=[], metavar="SECONDS:TEXT",
+                   help="text event appended to the stream at SECONDS (video time), stamped so; kept in the "
+                        "memory under the same cap as the frames (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=None, help=f"answer length cap (default {_default('max_new_tokens')})")
     p.add_argument("--decode-mode", default=None, choices=DECODE_MODES,
                    help="answer decoding: auto (static step; CUDA graph on CUDA), eager, compile, dynamic")
@@ -357,6 +440,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         config = _config_from_args(args)
         questions = _questions_from_args(args)
+        notes = [parse_note_at(text) for text in args.note_at]
     except ValueError as exc:
         print(f"infinipot-stream: {exc}", file=sys.stderr)
         return 2
@@ -372,7 +456,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"infinipot-stream: cannot load model: {exc}", file=sys.stderr)
         return 2
     load_s = time.perf_counter() - t_start
-    session = VideoSession(engine, args.video, questions, max_frames=args.max_frames)
+    session = VideoSession(engine, args.video, questions, max_frames=args.max_frames, notes=notes)
     bar = tqdm(total=None, unit="frame", disable=args.quiet or args.json or not sys.stderr.isatty())
     try:
         for rec in session.events():
@@ -397,11 +481,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "policy": st.policy,
         "video": args.video,
         "frames_read": session.frames_read,
+        "frames_skipped": session.video_stats.skipped,
+        "frames_missing": session.video_stats.missing,
         "frames_sampled": st.frames.sampled,
         "frames_ingested": st.frames.ingested,
         "frames_rejected": st.frames.rejected,
         "patches": len(ingested),
         "questions": len(answers),
+        "notes_ingested": st.notes.ingested,
+        "notes_rejected": st.notes.rejected,
+        "notes_in_cache": st.notes.in_cache,
         "bytes_per_token": st.cache.bytes_per_token,
         "prefix_tokens": st.cache.prefix_tokens,
         "max_vision_tokens": st.cache.max_vision_tokens,
@@ -422,11 +511,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.json:
         _emit({"summary": summary})
     else:
-        _print_table(records, answers, summary)
+        _print_table(records, answers, summary, [r for r in session.records if isinstance(r, NoteRecord)])
     return 0
 
 
-def _print_table(records: Sequence[FrameRecord], answers: Sequence[AnswerRecord], summary: dict) -> None:
+def _print_table(records: Sequence[FrameRecord], answers: Sequence[AnswerRecord], summary: dict,
+                 notes: Sequence[NoteRecord] = ()) -> None:
     n = len(records)
     print(f"{'at':>5} {'frame':>6} {'kv_tokens':>10} {'kv_MB':>8} {'rss_MB':>8} {'ms':>8}")
     for frac in (0.25, 0.5, 1.0):
@@ -435,6 +525,8 @@ def _print_table(records: Sequence[FrameRecord], answers: Sequence[AnswerRecord]
         r = records[max(0, int(round(frac * n)) - 1)]
         print(f"{int(frac * 100):>4}% {r.frame:>6} {r.kv_tokens:>10} {r.kv_bytes / 1e6:>8.2f} "
               f"{r.rss_bytes / 1e6:>8.1f} {r.ms:>8.1f}")
+    for r in notes:
+        print(f"note @ {r.at:.2f} s: {r.note}  ({r.status}{', ' + r.error if r.error else f', {r.tokens} tokens'})")
     for a in answers:
         seen = f", frames to {a.newest_stamp:.2f} s" if a.newest_stamp is not None else ""
         print(f"Q @ {a.at:.2f} s: {a.question}\nA: {a.answer or a.error}  ({a.latency_s:.2f} s{seen})")

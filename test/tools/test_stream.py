@@ -115,3 +115,39 @@ def test_questions_leave_the_stream_unchanged(vtest_path, tiny_adapter):
         assert torch.equal(sa[key], sb[key]), key
     assert busy_session.frames_read == 200 and busy_session.kv_bytes_peak > 0
     assert math.isclose(busy_session.last_stamp_s, 19.9)
+
+
+def test_parse_note_at():
+    assert stream.parse_note_at("2.5:door: locked") == stream.TimedNote("door: locked", 2.5)
+    for bad in ("no colon", "x:t", "-1:t", "5:", "inf:t"):
+        with pytest.raises(ValueError):
+            stream.parse_note_at(bad)
+
+
+def test_note_at_appends_text_events_in_time_order(capsys, vtest_path, tiny_model_dir):
+    """--note-at: in time order with the questions (a note first at equal time), kept under the cap,
+    counted in the summary; a question before the note's time cannot see it (window ends before it)."""
+    m = 96
+    rc, lines, _ = _run_cli(
+        capsys, "--video", vtest_path, "--model", tiny_model_dir, "--device", "cpu", "--fps", str(FPS),
+        "--max-frames", "300", "--max-tokens", str(m), "--max-pixels", str(112 * 112), "--max-new-tokens", "2",
+        "--json",
+        "--note-at", "10:The robot's name is Zorblax.", "--note-at", "3:first note", "--note-at", "99:after the end",
+        "--ask-at", "10:What is the robot's name?", "--ask-at", "2:Anything?",
+    )
+    assert rc == 0
+    events = lines[:-1]
+    order = [e.get("note") or e.get("question") for e in events if "frame" not in e]
+    assert order == ["Anything?", "first note", "The robot's name is Zorblax.", "What is the robot's name?",
+                     "after the end"]
+    notes = [e for e in events if "note" in e]
+    assert all(n["status"] == "ingested" and n["tokens"] > 0 for n in notes)
+    frames = [e for e in events if "frame" in e]
+    assert all(f["vision_tokens"] <= m and f["status"] in ("buffered", "ingested") for f in frames)
+    summary = lines[-1]["summary"]
+    assert summary["notes_ingested"] == 3 and summary["notes_rejected"] == 0 and summary["compressions"] >= 3
+    # the note at 10 s came before the question at 10 s and after every frame stamped <= 10 s (like --ask-at)
+    idx = {id(e): i for i, e in enumerate(events)}
+    note10 = next(n for n in notes if n["at"] == 10)
+    before = [f for f in frames if idx[id(f)] < idx[id(note10)]]
+    assert max(f["stamp"] for f in before) <= 10 < min(f["stamp"] for f in frames if idx[id(f)] > idx[id(note10)])
