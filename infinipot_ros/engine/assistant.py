@@ -46,6 +46,49 @@ MAX_QUESTION_CHARS = 4000  # cheap bound checked before tokenizing; the real lim
 MIN_FRAME_SIDE = 28
 
 
+def check_request(question: object, *, max_new_tokens: int, since_ns: int, until_ns: int,
+                  limit_new_tokens: int) -> str:
+    """The checks of a question that need neither the model nor the cache; returns the stripped question.
+
+    Args:
+        question: the question (must be a non-empty str of at most :data:`MAX_QUESTION_CHARS`).
+        max_new_tokens: requested answer cap, 0 = default; must be in [0, ``limit_new_tokens``].
+        since_ns, until_ns: time window (ns), 0 = open end; both >= 0 and since <= until when both set.
+        limit_new_tokens: the largest answer allowed (the config's ``max_new_tokens``).
+
+    Raises:
+        AskError: BAD_REQUEST naming the first problem found.
+    """
+    if not isinstance(question, str) or not question.strip():
+        raise AskError(AskErrorCode.BAD_REQUEST, "question is empty")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise AskError(AskErrorCode.BAD_REQUEST, f"question is {len(question)} characters, more than "
+                                                 f"{MAX_QUESTION_CHARS}")
+    if "\x00" in question:
+        raise AskError(AskErrorCode.BAD_REQUEST, "question contains a NUL character")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0 or max_new_tokens > limit_new_tokens:
+        raise AskError(AskErrorCode.BAD_REQUEST, f"max_new_tokens={max_new_tokens!r} must be in [0, {limit_new_tokens}] "
+                                                 f"(ask.max_new_tokens; the KV reserve is sized for it)")
+    if since_ns < 0 or until_ns < 0:
+        raise AskError(AskErrorCode.BAD_REQUEST, f"negative time window since={since_ns} until={until_ns} (ns)")
+    if since_ns and until_ns and since_ns > until_ns:
+        raise AskError(AskErrorCode.BAD_REQUEST, f"since ({since_ns} ns) is after until ({until_ns} ns)")
+    return question.strip()
+
+
+def fault_reason(exc: BaseException) -> FrameRejectReason:
+    """The rejection reason of a frame whose ingestion raised ``exc``: OUT_OF_MEMORY or MODEL_ERROR."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return FrameRejectReason.OUT_OF_MEMORY
+    return FrameRejectReason.MODEL_ERROR
+
+
+def free_device_memory(device: torch.device) -> None:
+    """Return cached, unused CUDA blocks to the driver after an out-of-memory error (no-op elsewhere)."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class AskError(Exception):
     """A question that could not be answered; ``code`` is one of :data:`ASK_ERROR_CODES`."""
 
@@ -432,7 +475,13 @@ class StreamingAssistant:
 
     def _ingest_patch(self, camera: str, group: Sequence[tuple[np.ndarray, int]], t0: float) -> IngestResult:
         first_stamp, last_stamp = group[0][1], group[-1][1]
-        compressions_before = self.cache.compressions
+        cache = self.cache
+        compressions_before, vision_before, chunks_before = cache.compressions, cache.vision_length, len(cache.table)
+        # The cache compresses itself right after a chunk is committed; if that compression raises, the chunk
+        # must be taken out again (_undo_chunk). The table (a few int64 columns) is copied only when this
+        # patch may compress.
+        table_before = cache.table.state_dict() if cache.max_vision_tokens is not None and \
+            vision_before + self.adapter.max_chunk_tokens() > cache.max_vision_tokens else None
         cuda = self.adapter.device.type == "cuda"
         try:
             seconds = self._rebase_for(first_stamp)
@@ -445,12 +494,16 @@ class StreamingAssistant:
                 stamp_ns=first_stamp, end_stamp_ns=last_stamp, num_frames=len(group),
             )
             self.adapter.prefill_patch(self.cache, patch, chunk, seconds=seconds)
-        except Exception as exc:  # model/processor failure: cache rolled back by its transaction
-            self._camera(camera).reject(FrameRejectReason.MODEL_ERROR, len(group))
-            _warn_throttled((camera, FrameRejectReason.MODEL_ERROR), "ingest of %s @ %d failed (%s): %s", camera,
-                            first_stamp, FrameRejectReason.MODEL_ERROR.value, exc, level=logging.ERROR)
+        except Exception as exc:  # model/processor/policy failure or out of memory: the cache is rolled back
+            reason = fault_reason(exc)
+            if reason is FrameRejectReason.OUT_OF_MEMORY:
+                free_device_memory(self.adapter.device)
+            undone = self._undo_chunk(compressions_before, vision_before, chunks_before, table_before)
+            self._camera(camera).reject(reason, len(group))
+            _warn_throttled((camera, reason), "ingest of %s @ %d failed (%s): %s%s", camera, first_stamp,
+                            reason.value, exc, undone, level=logging.ERROR)
             return IngestResult(camera, last_stamp, IngestStatus.REJECTED, ms=(time.perf_counter() - t0) * 1e3,
-                                error=f"{type(exc).__name__}: {exc}")
+                                error=f"{reason.value}: {type(exc).__name__}: {exc}")
         if cuda:
             torch.cuda.synchronize(self.adapter.device)
         t_end = time.perf_counter()
@@ -466,6 +519,34 @@ class StreamingAssistant:
             prefill_ms=max(0.0, (t_end - t_enc) * 1e3 - comp_ms), compression_ms=comp_ms,
             chunk_tokens=chunk.num_tokens, compression=event,
         )
+
+    def _undo_chunk(self, compressions_before: int, vision_before: int, chunks_before: int,
+                    table_before: Optional[dict]) -> str:
+        """After a failed patch: take out a chunk the cache committed before its compression raised.
+
+        A forward that raises is rolled back by the cache's own transaction. A compression runs after the
+        chunk's transaction committed, so a policy (or out-of-memory) error there leaves the chunk in the
+        cache, over the cap. With one compression pass over all layers (``cache.layers_per_pass`` =
+        layers, the default) nothing was written before the error: the lengths and the chunk table are
+        restored, and the K/V, ids and norms are exactly those before the patch. With several passes,
+        earlier passes may have compacted their layers already: that memory cannot be trusted, so the
+        stream restarts (memory forgotten, ``time_jumps`` not counted).
+
+        Returns:
+            "" (nothing to undo), or a note for the log line saying what was done.
+        """
+        cache = self.cache
+        added = cache.vision_length - vision_before
+        if added <= 0 or cache.compressions != compressions_before or len(cache.table) != chunks_before + 1:
+            return ""  # the forward's transaction already rolled back (or the patch completed)
+        if cache.layers_per_pass < cache.num_layers or table_before is None:
+            self.reset()
+            return "; the compression failed between passes: memory forgotten (stream restarted)"
+        # TODO(kv): belongs in CappedKVCache.vision_chunk (undo the label when compress() raises).
+        cache._truncate_all([n - added for n in (cache.get_seq_length(i) for i in range(cache.num_layers))])
+        cache._vision_len = vision_before
+        cache.table.load_state_dict(table_before)
+        return "; the chunk committed before the failed compression was taken out"
 
     # ------------------------------------------------------------------ notes
     def add_note(self, text: str, stamp_ns: int, source: str = "notes") -> IngestResult:
@@ -564,19 +645,12 @@ class StreamingAssistant:
         Raises:
             AskError: BAD_REQUEST, NO_FRAMES or MODEL_ERROR.
         """
-        if not isinstance(question, str) or not question.strip():
-            raise AskError("BAD_REQUEST", "question is empty")
-        if len(question) > MAX_QUESTION_CHARS:
-            raise AskError("BAD_REQUEST", f"question longer than {MAX_QUESTION_CHARS} characters")
-        if max_new_tokens < 0 or max_new_tokens > self.config.max_new_tokens:
-            raise AskError("BAD_REQUEST", f"max_new_tokens must be in [0, {self.config.max_new_tokens}] "
-                                          f"(ask.max_new_tokens; the KV reserve is sized for it)")
+        check_request(question, max_new_tokens=max_new_tokens, since_ns=since_ns, until_ns=until_ns,
+                      limit_new_tokens=self.config.max_new_tokens)
         n_question = len(self.adapter.question_ids(question.strip())) - len(self.adapter.question_ids(""))
         if n_question > self.config.max_question_tokens:
             raise AskError("BAD_REQUEST", f"question is {n_question} tokens, more than max_question_tokens="
                                           f"{self.config.max_question_tokens}")
-        if since_ns < 0 or until_ns < 0 or (since_ns and until_ns and since_ns > until_ns):
-            raise AskError("BAD_REQUEST", f"bad time window since={since_ns} until={until_ns}")
         with self._lock:
             t0 = time.perf_counter()
             cam_idx = None
@@ -598,7 +672,11 @@ class StreamingAssistant:
                     max_new_tokens=max_new_tokens or self.config.max_new_tokens,
                     visible=visible, on_token=on_token, temperature=self.config.temperature,
                 )
-            except Exception as exc:
+            except Exception as exc:  # the scratch block removed the question and the partial answer
+                if fault_reason(exc) is FrameRejectReason.OUT_OF_MEMORY:
+                    free_device_memory(self.adapter.device)
+                    log.error("answering ran out of memory: %s", exc)
+                    raise AskError("MODEL_ERROR", f"out of memory while answering: {exc}") from exc
                 log.exception("answering failed")
                 raise AskError("MODEL_ERROR", f"{type(exc).__name__}: {exc}") from exc
             return AskResult(

@@ -68,7 +68,8 @@ class FrameRejectReason(str, enum.Enum):
     FRAME_TOO_SMALL = "frame_too_small"  # a side below MIN_FRAME_SIDE (28 px)
     ASPECT_RATIO = "aspect_ratio"  # longer side more than 200 times the shorter (the processor's limit)
     RESOLUTION_CHANGED = "resolution_changed"  # first frame of a pair dropped: the second has another size
-    MODEL_ERROR = "model_error"  # vision encode or prefill raised; the cache was rolled back
+    MODEL_ERROR = "model_error"  # vision encode, prefill or compression raised; the cache was rolled back
+    OUT_OF_MEMORY = "out_of_memory"  # the device (or host) ran out of memory while ingesting; cache rolled back
     STALE_STAMP = "stale_stamp"  # header stamp at or before the camera's last accepted one (duplicate, reordered)
     FUTURE_STAMP = "future_stamp"  # header stamp more than the gate's max_future_s ahead of the caller's clock
     BAD_STAMP = "bad_stamp"  # negative header stamp

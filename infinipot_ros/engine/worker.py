@@ -22,7 +22,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .assistant import AskError, AskErrorCode, AskResult, IngestResult, IngestStatus, StreamingAssistant
+from .assistant import (AskError, AskErrorCode, AskResult, IngestResult, IngestStatus, StreamingAssistant,
+                        fault_reason, free_device_memory)
+from .stats import FrameRejectReason
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,8 @@ class StreamWorker:
         self._served: dict[str, float] = {}  # camera -> monotonic time its last frame was taken
         self._stop = False
         self._busy = False
+        self._current: Optional[AskJob] = None  # the question being answered (stop() ends it at its next token)
+        self._high_water = {"frames": 0, "asks": 0, "notes": 0}  # most items ever waiting at once
         self._thread = threading.Thread(target=self._run, name="infinipot-worker", daemon=True)
 
     def start(self) -> "StreamWorker":
@@ -82,15 +86,39 @@ class StreamWorker:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Finish the job in hand, fail waiting questions, stop the thread."""
+        """Fail waiting questions with BUSY, stop an answer being decoded at its next token (BUSY too),
+        finish a frame in hand, stop the thread (waiting at most ``timeout`` s for it)."""
         with self._cond:
             self._stop = True
             for job in self._asks:
-                job.future.set_exception(AskError(AskErrorCode.BUSY, "assistant is shutting down"))
+                if not job.future.done():
+                    job.future.set_exception(AskError(AskErrorCode.BUSY, "assistant is shutting down"))
             self._asks.clear()
+            self._frames.clear()
+            self._notes.clear()
+            if self._current is not None:
+                self._current.cancel()
             self._cond.notify_all()
-        if self._thread.is_alive():
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop
+
+    def depths(self) -> dict:
+        """Items waiting now and the most ever waiting at once: ``{"frames", "asks", "notes"}`` and
+        ``{"frames_max", "asks_max", "notes_max"}`` (frames: one per camera at most; asks: at most
+        ``max_pending_asks``; notes: at most :data:`MAX_PENDING_NOTES`)."""
+        with self._cond:
+            now = {"frames": len(self._frames), "asks": len(self._asks), "notes": len(self._notes)}
+            return {**now, **{f"{k}_max": v for k, v in self._high_water.items()}}
+
+    def _mark(self) -> None:  # under self._cond
+        hw = self._high_water
+        hw["frames"] = max(hw["frames"], len(self._frames))
+        hw["asks"] = max(hw["asks"], len(self._asks))
+        hw["notes"] = max(hw["notes"], len(self._notes))
 
     @property
     def idle(self) -> bool:
@@ -116,6 +144,7 @@ class StreamWorker:
                 self.assistant.count_frames(camera, dropped=1)
             self._served.setdefault(camera, time.monotonic())  # a new camera waits like one just served
             self._frames[camera] = (frame, stamp_ns, self.assistant.epoch if epoch is None else epoch)
+            self._mark()
             self._cond.notify_all()
 
     def submit_note(self, text: str, stamp_ns: int, source: str = "notes") -> None:
@@ -132,6 +161,7 @@ class StreamWorker:
                 self._notes.popleft()
                 self.assistant.count_note_rejected(f"more than {MAX_PENDING_NOTES} notes waiting")
             self._notes.append((text, stamp_ns, source))
+            self._mark()
             self._cond.notify_all()
 
     def submit_ask(self, question: str, **kwargs) -> AskJob:
@@ -176,6 +206,7 @@ class StreamWorker:
                                                                       f"(ask.max_pending={limit})"))
             else:
                 self._asks.append(job)
+                self._mark()
                 self._cond.notify_all()
         return job
 
@@ -195,7 +226,8 @@ class StreamWorker:
             camera = min(self._frames, key=lambda c: self._served[c]) if self._frames else None
             overdue = camera is not None and now - self._served[camera] >= 0.5 * self.assistant.config.max_ingest_gap_s
             if self._asks and not overdue:
-                return self._asks.pop(0)
+                self._current = self._asks.pop(0)
+                return self._current
             frame, stamp, epoch = self._frames.pop(camera)
             self._served[camera] = now
             return camera, frame, stamp, epoch
@@ -206,7 +238,11 @@ class StreamWorker:
             if job is None:
                 break
             if isinstance(job, AskJob):
-                self._run_ask(job)
+                try:
+                    self._run_ask(job)
+                finally:
+                    with self._cond:
+                        self._current = None
             elif len(job) == 3:
                 self._run_note(*job)
             else:
@@ -242,7 +278,12 @@ class StreamWorker:
             job.future.set_exception(AskError(AskErrorCode.MODEL_ERROR, f"{type(exc).__name__}: {exc}"))
         else:
             if job.cancelled.is_set() and result.stopped_by == "cancelled":
-                job.future.set_exception(AskError(AskErrorCode.CANCELED, f"cancelled after {result.generated_tokens} tokens"))
+                if self._stop:
+                    job.future.set_exception(AskError(AskErrorCode.BUSY, f"assistant is shutting down (answer "
+                                                                         f"stopped after {result.generated_tokens} tokens)"))
+                else:
+                    job.future.set_exception(AskError(AskErrorCode.CANCELED,
+                                                      f"cancelled after {result.generated_tokens} tokens"))
             else:
                 job.future.set_result(result)
 
@@ -261,9 +302,14 @@ class StreamWorker:
     def _run_frame(self, camera: str, frame: np.ndarray, stamp: int, epoch: int) -> None:
         try:
             result = self.assistant.ingest(camera, frame, stamp, epoch=epoch)
-        except Exception as exc:  # never let the worker die
-            log.exception("ingest failed")
-            result = IngestResult(camera, stamp, IngestStatus.REJECTED, error=f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # never let the worker die; the engine counts its own faults, this one is ours
+            reason = fault_reason(exc)
+            if reason is FrameRejectReason.OUT_OF_MEMORY:
+                free_device_memory(self.assistant.adapter.device)
+            self.assistant.count_frames(camera, rejected=1, reason=reason)
+            log.exception("ingest of %s @ %d failed (%s)", camera, stamp, reason.value)
+            result = IngestResult(camera, stamp, IngestStatus.REJECTED,
+                                  error=f"{reason.value}: {type(exc).__name__}: {exc}")
         if self.on_ingest is not None:
             try:
                 self.on_ingest(result)

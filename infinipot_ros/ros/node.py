@@ -27,6 +27,7 @@ A thin rclpy layer over :mod:`infinipot_ros.engine`:
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import os
 import queue
 import threading
@@ -51,6 +52,7 @@ from ..engine import (
     AskError, AskErrorCode, AskResult, EngineConfig, EngineState, EngineStats, FrameCounters, GateDecision,
     IngestResult, IngestStatus, StreamingAssistant, StreamWorker,
 )
+from ..engine.assistant import check_request
 from ..msg import CacheStatus
 from ..srv import Ask, SaveMemory
 from .conversions import ImageConversionError, conversion_backend, message_to_rgb
@@ -354,13 +356,34 @@ class AssistantNode(LifecycleNode):
 
     # -------------------------------------------------------------------- ask
     def _ask_kwargs(self, request) -> dict:
-        """Engine ask() arguments from an Ask.srv request or Ask.action goal (same fields)."""
-        return dict(
+        """Engine ask() arguments from an Ask.srv request or Ask.action goal (same fields), checked.
+
+        Everything that needs neither the model nor the cache is checked here, before the question
+        waits for the worker (a bad request is never BUSY or TIMEOUT): see :func:`check_request`, a
+        ``timeout_s`` that is negative or not finite, a stamp whose nanosec is not below 1e9. The
+        length in tokens and the camera names are checked by the engine.
+
+        Raises:
+            AskError: BAD_REQUEST.
+        """
+        timeout = float(request.timeout_s)
+        if not math.isfinite(timeout) or timeout < 0:
+            raise AskError(AskErrorCode.BAD_REQUEST, f"timeout_s={timeout!r} must be >= 0 and finite (0 = ask.timeout_s)")
+        for name in ("since", "until"):
+            t = getattr(request, name)
+            if t.nanosec >= 1_000_000_000:
+                raise AskError(AskErrorCode.BAD_REQUEST, f"{name}.nanosec={t.nanosec} must be below 1e9")
+        kwargs = dict(
             cameras=[c for c in request.camera_ids if c] or None,
             since_ns=time_to_ns(request.since),
             until_ns=time_to_ns(request.until),
             max_new_tokens=int(request.max_new_tokens),
         )
+        engine = self._engine
+        limit = (engine.config if engine is not None else self.config).max_new_tokens
+        check_request(request.question, max_new_tokens=kwargs["max_new_tokens"], since_ns=kwargs["since_ns"],
+                      until_ns=kwargs["until_ns"], limit_new_tokens=limit)
+        return kwargs
 
     def _timeout(self, request) -> float:
         engine = self._engine
@@ -393,8 +416,8 @@ class AssistantNode(LifecycleNode):
     def _on_ask(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
         t0 = time.monotonic()
         try:
-            result = self._worker_or_raise().ask(request.question, timeout_s=self._timeout(request),
-                                                 **self._ask_kwargs(request))
+            kwargs = self._ask_kwargs(request)
+            result = self._worker_or_raise().ask(request.question, timeout_s=self._timeout(request), **kwargs)
         except AskError as exc:
             self.get_logger().info(f"/ask refused: {exc}", throttle_duration_sec=2.0)
             return self._fill(response, None, str(exc), t0)
@@ -419,10 +442,11 @@ class AssistantNode(LifecycleNode):
         pieces: "queue.SimpleQueue[tuple[str, int]]" = queue.SimpleQueue()
         key = bytes(goal_handle.goal_id.uuid)
         try:
+            kwargs = self._ask_kwargs(goal)
             worker = self._worker_or_raise()
-            job = worker.submit_ask(goal.question, on_token=lambda piece, n: pieces.put((piece, n)),
-                                    **self._ask_kwargs(goal))
+            job = worker.submit_ask(goal.question, on_token=lambda piece, n: pieces.put((piece, n)), **kwargs)
         except AskError as exc:
+            self.get_logger().info(f"ask_stream goal refused: {exc}", throttle_duration_sec=2.0)
             goal_handle.abort()
             return self._fill(result, None, str(exc), t0)
         with self._goals_lock:
