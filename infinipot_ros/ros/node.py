@@ -70,6 +70,7 @@ STATUS_QOS = QoSProfile(
 _REFUSED_STAMPS = {GateDecision.STALE: "stale_stamp", GateDecision.FUTURE: "future_stamp",
                    GateDecision.INVALID: "bad_stamp"}
 _FEEDBACK_POLL_S = 0.02  # how often a running action goal forwards feedback and checks its timeout
+_GOAL_DRAIN_S = 5.0  # destroy_node waits at most this long for running goals to return their result
 
 
 class AssistantNode(LifecycleNode):
@@ -98,7 +99,8 @@ class AssistantNode(LifecycleNode):
         self._worker: Optional[StreamWorker] = None
         self._ingesting = False
         self._goals: dict[bytes, object] = {}  # goal id -> AskJob of running action goals
-        self._goals_lock = threading.Lock()
+        self._goals_lock = threading.Condition()
+        self._executing = 0  # ask_stream execute callbacks running (destroy_node waits for them, bounded)
 
         self._images_group = MutuallyExclusiveCallbackGroup()
         self._service_group = ReentrantCallbackGroup()
@@ -235,9 +237,19 @@ class AssistantNode(LifecycleNode):
         self._release()
 
     def destroy_node(self) -> None:
-        """Release the model, then the action server (rclpy's destroy_node leaves action servers alive)."""
+        """Release the model, then the action server (rclpy's destroy_node leaves action servers alive).
+
+        Running ask_stream goals end with BUSY when the worker stops; their execute callbacks are given
+        up to :data:`_GOAL_DRAIN_S` to return their result before the action server goes. Never raises
+        for a server rclpy already tore down (after ``rclpy.shutdown`` its goal futures may be gone).
+        """
         self._release()
-        self.ask_action.destroy()
+        with self._goals_lock:
+            self._goals_lock.wait_for(lambda: self._executing == 0, _GOAL_DRAIN_S)
+        try:
+            self.ask_action.destroy()
+        except Exception as exc:  # rclpy: destroying after the context was shut down can fail on finished goals
+            self.get_logger().debug(f"action server teardown: {type(exc).__name__}: {exc}")
         super().destroy_node()
 
     # ---------------------------------------------------------------- memory
@@ -436,6 +448,16 @@ class AssistantNode(LifecycleNode):
 
     def _execute_goal(self, goal_handle):
         """ask_stream: queue the question, forward answer pieces as feedback, honour cancel and timeout."""
+        with self._goals_lock:
+            self._executing += 1
+        try:
+            return self._run_goal(goal_handle)
+        finally:
+            with self._goals_lock:
+                self._executing -= 1
+                self._goals_lock.notify_all()
+
+    def _run_goal(self, goal_handle):
         t0 = time.monotonic()
         goal = goal_handle.request
         result = AskAction.Result()

@@ -155,3 +155,63 @@ def test_continuous_questions_cannot_starve_the_cameras(engine, vtest_frames):
     # ~6 s at one frame per camera every >= 0.2 s (half the gap): both cameras advance, neither starves the other
     assert ingested["front"] >= 8 and ingested["rear"] >= 8, ingested
     assert abs(ingested["front"] - ingested["rear"]) <= 2, ingested
+
+
+@pytest.mark.parametrize("exc, reason", [(RuntimeError("injected outside the engine's own guard"), "model_error"),
+                                         (torch.OutOfMemoryError("CUDA out of memory (injected)"), "out_of_memory")],
+                         ids=["runtime-error", "out-of-memory"])
+def test_an_exception_escaping_ingest_is_counted_and_the_worker_goes_on(engine, vtest_frames, monkeypatch, exc, reason):
+    """The worker's own guard: an exception that escapes StreamingAssistant.ingest (injected into it)
+    drops that frame, counts it under its reason, and the next frames are ingested."""
+    frames, stamps = vtest_frames
+    real, raised = engine.ingest, []
+
+    def ingest(*args, **kwargs):
+        if not raised:
+            raised.append(1)
+            raise exc
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "ingest", ingest)
+    seen = []
+    worker = StreamWorker(engine, on_ingest=seen.append).start()
+    try:
+        for f, s in zip(frames[:3], stamps[:3]):
+            worker.submit_frame("front", f, s)
+            assert worker.wait_idle(30)
+        counters = engine.stats().frames
+        assert counters.rejected_by_reason == {reason: 1} and counters.rejected == 1
+        assert counters.ingested == 2
+        assert seen[0].status.value == "rejected" and seen[0].error.startswith(reason)
+        assert worker._thread.is_alive()
+    finally:
+        worker.stop()
+
+
+def test_stop_ends_a_running_answer_at_its_next_token(engine, vtest_frames, monkeypatch):
+    frames, stamps = vtest_frames
+    for f, s in zip(frames[:2], stamps[:2]):
+        engine.ingest("front", f, s)
+    monkeypatch.setattr(engine.adapter, "eos_ids", set())  # would decode all max_new_tokens
+    engine.update_settings(max_new_tokens=120)
+    worker = StreamWorker(engine).start()
+    tokens = []
+    job = worker.submit_ask("Talk.", max_new_tokens=120, on_token=lambda piece, n: tokens.append(n))
+    assert _wait_for(lambda: len(tokens) >= 2, 30)
+    worker.stop()
+    assert not worker._thread.is_alive()
+    with pytest.raises(AskError) as err:
+        job.future.result(1)
+    assert err.value.code == "BUSY" and "shutting down" in err.value.message
+    assert tokens[-1] < 120
+    depths = worker.depths()
+    assert depths["asks"] == depths["frames"] == depths["notes"] == 0 and depths["asks_max"] == 1
+
+
+def _wait_for(cond, timeout):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return False
