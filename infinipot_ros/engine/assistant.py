@@ -67,7 +67,7 @@ def check_request(question: object, *, max_new_tokens: int, since_ns: int, until
     if "\x00" in question:
         raise AskError(AskErrorCode.BAD_REQUEST, "question contains a NUL character")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0 or max_new_tokens > limit_new_tokens:
-        raise AskError(AskErrorCode.BAD_REQUEST, f"max_new_tokens={max_new_tokens!r} must be in [0, {limit_new_tokens}] "
+        raise AskError(AskErrorCode.BAD_REQUEST, f"max_new_tokens must be in [0, {limit_new_tokens}], got {max_new_tokens!r} "
                                                  f"(ask.max_new_tokens; the KV reserve is sized for it)")
     if since_ns < 0 or until_ns < 0:
         raise AskError(AskErrorCode.BAD_REQUEST, f"negative time window since={since_ns} until={until_ns} (ns)")
