@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from ..kv import NOTE_CAMERA, CappedKVCache, CompressionEvent, VisionChunk
+from ..kv import NOTE_CAMERA, CappedKVCache, CompressionEvent, PartialCompressionError, VisionChunk
 from ..models import ModelAdapter, load_adapter
 from .config import LIVE_FIELDS, EngineConfig
 from .gate import FrameGate, GateDecision
@@ -476,12 +476,7 @@ class StreamingAssistant:
     def _ingest_patch(self, camera: str, group: Sequence[tuple[np.ndarray, int]], t0: float) -> IngestResult:
         first_stamp, last_stamp = group[0][1], group[-1][1]
         cache = self.cache
-        compressions_before, vision_before, chunks_before = cache.compressions, cache.vision_length, len(cache.table)
-        # The cache compresses itself right after a chunk is committed; if that compression raises, the chunk
-        # must be taken out again (_undo_chunk). The table (a few int64 columns) is copied only when this
-        # patch may compress.
-        table_before = cache.table.state_dict() if cache.max_vision_tokens is not None and \
-            vision_before + self.adapter.max_chunk_tokens() > cache.max_vision_tokens else None
+        compressions_before = cache.compressions
         cuda = self.adapter.device.type == "cuda"
         try:
             seconds = self._rebase_for(first_stamp)
@@ -498,7 +493,10 @@ class StreamingAssistant:
             reason = fault_reason(exc)
             if reason is FrameRejectReason.OUT_OF_MEMORY:
                 free_device_memory(self.adapter.device)
-            undone = self._undo_chunk(compressions_before, vision_before, chunks_before, table_before)
+            undone = ""
+            if isinstance(exc, PartialCompressionError):  # layers disagree: the memory cannot be trusted
+                self.reset()
+                undone = "; the compression failed between layer passes: memory forgotten (stream restarted)"
             self._camera(camera).reject(reason, len(group))
             _warn_throttled((camera, reason), "ingest of %s @ %d failed (%s): %s%s", camera, first_stamp,
                             reason.value, exc, undone, level=logging.ERROR)
@@ -519,34 +517,6 @@ class StreamingAssistant:
             prefill_ms=max(0.0, (t_end - t_enc) * 1e3 - comp_ms), compression_ms=comp_ms,
             chunk_tokens=chunk.num_tokens, compression=event,
         )
-
-    def _undo_chunk(self, compressions_before: int, vision_before: int, chunks_before: int,
-                    table_before: Optional[dict]) -> str:
-        """After a failed patch: take out a chunk the cache committed before its compression raised.
-
-        A forward that raises is rolled back by the cache's own transaction. A compression runs after the
-        chunk's transaction committed, so a policy (or out-of-memory) error there leaves the chunk in the
-        cache, over the cap. With one compression pass over all layers (``cache.layers_per_pass`` =
-        layers, the default) nothing was written before the error: the lengths and the chunk table are
-        restored, and the K/V, ids and norms are exactly those before the patch. With several passes,
-        earlier passes may have compacted their layers already: that memory cannot be trusted, so the
-        stream restarts (memory forgotten, ``time_jumps`` not counted).
-
-        Returns:
-            "" (nothing to undo), or a note for the log line saying what was done.
-        """
-        cache = self.cache
-        added = cache.vision_length - vision_before
-        if added <= 0 or cache.compressions != compressions_before or len(cache.table) != chunks_before + 1:
-            return ""  # the forward's transaction already rolled back (or the patch completed)
-        if cache.layers_per_pass < cache.num_layers or table_before is None:
-            self.reset()
-            return "; the compression failed between passes: memory forgotten (stream restarted)"
-        # TODO(kv): belongs in CappedKVCache.vision_chunk (undo the label when compress() raises).
-        cache._truncate_all([n - added for n in (cache.get_seq_length(i) for i in range(cache.num_layers))])
-        cache._vision_len = vision_before
-        cache.table.load_state_dict(table_before)
-        return "; the chunk committed before the failed compression was taken out"
 
     # ------------------------------------------------------------------ notes
     def add_note(self, text: str, stamp_ns: int, source: str = "notes") -> IngestResult:
@@ -593,8 +563,10 @@ class StreamingAssistant:
                 chunk = VisionChunk(1, len(ids), camera=NOTE_CAMERA, stamp_ns=stamp_ns, end_stamp_ns=stamp_ns,
                                     num_frames=0)
                 self.adapter.prefill_note(self.cache, ids, chunk, seconds=seconds)
-            except Exception as exc:  # model failure: cache rolled back by its transaction
+            except Exception as exc:  # model failure: the cache rolls the note back (its transaction, vision_chunk)
                 log.error("note @ %d failed: %s", stamp_ns, exc)
+                if isinstance(exc, PartialCompressionError):  # layers disagree: the memory cannot be trusted
+                    self.reset()
                 if first:
                     self._origin_ns = None
                 return rejected(f"{type(exc).__name__}: {exc}")

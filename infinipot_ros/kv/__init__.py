@@ -10,7 +10,8 @@ import dataclasses
 from typing import Any, Optional
 
 from .baselines import RecentPolicy, UniformPolicy
-from .cache import CacheBudget, CacheStateError, CacheStats, CappedKVCache, CompressionEvent, RebaseEvent
+from .cache import (CacheBudget, CacheStateError, CacheStats, CappedKVCache, CompressionEvent,
+                    PartialCompressionError, RebaseEvent)
 from .infinipot_v import InfiniPotVPolicy
 from .layout import NOTE_CAMERA, ChunkTable, VisionChunk, VisionLayout
 from .policy import PolicySettings, ScoringPolicy
@@ -48,7 +49,8 @@ def make_policy(name: str, settings: Optional[PolicySettings] = None, **override
 
 
 __all__ = [
-    "CacheBudget", "CacheStateError", "CacheStats", "CappedKVCache", "ChunkTable", "CompressionEvent", "RebaseEvent",
+    "CacheBudget", "CacheStateError", "CacheStats", "CappedKVCache", "ChunkTable", "CompressionEvent",
+    "PartialCompressionError", "RebaseEvent",
     "DEFAULT_POOL_KERNELS", "InfiniPotVPolicy", "POLICIES", "PolicySettings", "PooledVaNPolicy", "RecentPolicy",
     "ScoringPolicy", "TaRPolicy", "UniformPolicy", "VaNPolicy", "VisionChunk", "VisionLayout",
     "gather_kept", "gather_tokens", "keep_topk", "make_policy", "pool_on_grid", "tar_similarity", "value_norms",

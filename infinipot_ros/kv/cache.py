@@ -174,6 +174,16 @@ class CacheStateError(RuntimeError):
     """An operation was called in the wrong state (e.g. a chunk during a scratch block)."""
 
 
+class PartialCompressionError(RuntimeError):
+    """A compression failed after some of its layer passes had already compacted their layers.
+
+    Only possible with ``layers_per_pass`` < layers: the vision region then holds
+    different tokens in different layers and the chunk table no longer describes
+    it, so the memory cannot be trusted; the caller must start a new stream
+    (e.g. :meth:`CappedKVCache.reset`). The original error is ``__cause__``.
+    """
+
+
 def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest over layers of max |a - b| / max |b| for two [L, ...] tensors (0 when equal)."""
     if a.numel() == 0:
@@ -414,10 +424,18 @@ class CappedKVCache:
         On success the chunk's tokens join the vision region and, if that
         now exceeds M, every layer is compressed to C (:meth:`compress`).
 
+        A forward that raises leaves the cache as it was (transaction). If the
+        compression the chunk triggers raises (policy error, out of memory)
+        before any layer was written, the chunk is taken out again and the
+        cache is exactly as before the chunk (K/V, norms, ids, chunk table);
+        the error propagates.
+
         Raises:
             CacheStateError: before the prefix, inside a scratch block, or if
                 the forward did not append exactly ``chunk.num_tokens`` tokens.
             ValueError: if the chunk alone is larger than the target C.
+            PartialCompressionError: the compression failed between layer
+                passes (``layers_per_pass`` < layers): the memory is inconsistent.
         """
         if not self._prefix_done:
             raise CacheStateError("write the prefix before vision chunks")
@@ -436,9 +454,19 @@ class CappedKVCache:
                 yield
         finally:
             self._appending_vision = False
+        compresses = self.max_vision_tokens is not None and self._vision_len + n > self.max_vision_tokens
+        table_before = self.table.state_dict() if compresses else None  # a few [R] int64 columns
         self._label_vision(chunk)
-        if self.max_vision_tokens is not None and self._vision_len > self.max_vision_tokens:
-            self.compress()
+        if compresses:
+            try:
+                self.compress()
+            except PartialCompressionError:
+                raise
+            except BaseException:  # nothing was written: take the committed chunk out again
+                self._truncate_all([length - n for length in self._len])
+                self._vision_len -= n
+                self.table.load_state_dict(table_before)
+                raise
 
     @torch.inference_mode()
     def _label_vision(self, chunk: VisionChunk) -> None:
@@ -485,6 +513,9 @@ class CappedKVCache:
 
         Raises:
             CacheStateError: inside a scratch block or without a policy.
+            PartialCompressionError: a pass after the first failed (the earlier
+                ones had compacted their layers); an error in the first pass
+                propagates as is, with the cache unchanged.
         """
         if self._scratch_depth:
             raise CacheStateError("cannot compress while a question is being answered")
@@ -497,29 +528,16 @@ class CappedKVCache:
         if before <= keep:
             return None
         t0 = time.perf_counter()
-        p, b, h, d = self._prefix_len, self.batch_size, self.num_kv_heads, self.head_dim
+        p = self._prefix_len
         for lo in range(0, self.num_layers, self.layers_per_pass):
-            hi = min(self.num_layers, lo + self.layers_per_pass)
-            shape = ((hi - lo) * b, h, before)  # layer-major rows: one strided view of the buffers, no copy
-            k_vis = self._keys[lo:hi, :, :, p : p + before].reshape(*shape, d)
-            v_vis = self._values[lo:hi, :, :, p : p + before].reshape(*shape, d)
-            norms = self._value_norms[lo:hi, :, :, :before].reshape(shape)
-            ids = self._token_ids[lo:hi, :, :, :before].reshape(shape)
-            scores = self.policy.score(
-                k_vis, norms, self.table.layout(ids), layers=list(range(lo, hi)), num_layers=self.num_layers, keep=keep
-            )
-            idx = keep_topk(scores, keep)  # [N, H, keep], ascending
-            if triton_kernels.use_triton(self.device):  # in place, no temporary of the kept tokens
-                triton_kernels.compact_([k_vis, v_vis, norms, ids], idx, keep)
-                continue
-            kept = (hi - lo, b, h, keep)
-            # gather every kept row first (copies), then write them to the front of the vision region
-            k_kept, v_kept = gather_kept(self._keys, lo, p, idx), gather_kept(self._values, lo, p, idx)
-            n_kept, i_kept = gather_kept(self._value_norms, lo, 0, idx), gather_kept(self._token_ids, lo, 0, idx)
-            self._keys[lo:hi, :, :, p : p + keep] = k_kept.view(*kept, d)
-            self._values[lo:hi, :, :, p : p + keep] = v_kept.view(*kept, d)
-            self._value_norms[lo:hi, :, :, :keep] = n_kept.view(kept)
-            self._token_ids[lo:hi, :, :, :keep] = i_kept.view(kept)
+            try:
+                self._compress_pass(lo, before, keep)
+            except BaseException as exc:
+                if lo == 0:
+                    raise  # nothing written yet
+                raise PartialCompressionError(
+                    f"compression failed in the pass from layer {lo} after layers 0..{lo - 1} were compacted: "
+                    f"{type(exc).__name__}: {exc}") from exc
         self._len = [p + keep] * self.num_layers
         self._vision_len = keep
         dropped = self.table.prune(self._token_ids[..., :keep])  # the one host sync
@@ -528,6 +546,34 @@ class CappedKVCache:
         self.tokens_evicted += before - keep
         self.last_compression = event
         return event
+
+    def _compress_pass(self, lo: int, before: int, keep: int) -> None:
+        """One pass of :meth:`compress` over layers ``lo .. lo + layers_per_pass - 1``.
+
+        Scores and picks before writing: an error before the final writes leaves the layers unchanged.
+        """
+        hi = min(self.num_layers, lo + self.layers_per_pass)
+        p, b, h, d = self._prefix_len, self.batch_size, self.num_kv_heads, self.head_dim
+        shape = ((hi - lo) * b, h, before)  # layer-major rows: one strided view of the buffers, no copy
+        k_vis = self._keys[lo:hi, :, :, p : p + before].reshape(*shape, d)
+        v_vis = self._values[lo:hi, :, :, p : p + before].reshape(*shape, d)
+        norms = self._value_norms[lo:hi, :, :, :before].reshape(shape)
+        ids = self._token_ids[lo:hi, :, :, :before].reshape(shape)
+        scores = self.policy.score(
+            k_vis, norms, self.table.layout(ids), layers=list(range(lo, hi)), num_layers=self.num_layers, keep=keep
+        )
+        idx = keep_topk(scores, keep)  # [N, H, keep], ascending
+        if triton_kernels.use_triton(self.device):  # in place, no temporary of the kept tokens
+            triton_kernels.compact_([k_vis, v_vis, norms, ids], idx, keep)
+            return
+        kept = (hi - lo, b, h, keep)
+        # gather every kept row first (copies), then write them to the front of the vision region
+        k_kept, v_kept = gather_kept(self._keys, lo, p, idx), gather_kept(self._values, lo, p, idx)
+        n_kept, i_kept = gather_kept(self._value_norms, lo, 0, idx), gather_kept(self._token_ids, lo, 0, idx)
+        self._keys[lo:hi, :, :, p : p + keep] = k_kept.view(*kept, d)
+        self._values[lo:hi, :, :, p : p + keep] = v_kept.view(*kept, d)
+        self._value_norms[lo:hi, :, :, :keep] = n_kept.view(kept)
+        self._token_ids[lo:hi, :, :, :keep] = i_kept.view(kept)
 
     # ---------------------------------------------------------------- re-base
     @torch.inference_mode()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from infinipot_ros.kv import (
-    POLICIES, CacheBudget, CacheStateError, CappedKVCache, VisionChunk, make_policy,
+    POLICIES, CacheBudget, CacheStateError, CappedKVCache, PartialCompressionError, VisionChunk, make_policy,
 )
 
 L, H, D = 3, 2, 8
@@ -124,6 +124,74 @@ def test_failed_forward_rolls_back_every_layer():
     for layer in range(L):
         k, v = cache.layer_kv(layer)
         assert torch.equal(k, before[layer][0]) and torch.equal(v, before[layer][1])
+
+
+def _full_state(cache):
+    return ([tuple(t.clone() for t in cache.layer_kv(layer)) for layer in range(L)],
+            [cache.vision_token_ids(layer).clone() for layer in range(L)], cache.table.state_dict(),
+            cache.vision_length, cache.compressions)
+
+
+def _assert_same_state(cache, state):
+    kv, ids, table, vision, compressions = state
+    assert cache.vision_length == vision and cache.compressions == compressions
+    for layer in range(L):
+        k, v = cache.layer_kv(layer)
+        assert torch.equal(k, kv[layer][0]) and torch.equal(v, kv[layer][1])
+        assert torch.equal(cache.vision_token_ids(layer), ids[layer])
+    now = cache.table.state_dict()
+    assert now.keys() == table.keys() and all(torch.equal(now[k], table[k]) for k in now)
+
+
+def _failing_score(cache, fail_on_call):
+    real, calls = cache.policy.score, []
+
+    def score(*args, **kwargs):
+        calls.append(kwargs["layers"])
+        if len(calls) == fail_on_call:
+            raise RuntimeError("policy fault")
+        return real(*args, **kwargs)
+
+    cache.policy.score = score  # instance attribute: this cache's policy object only
+    return calls
+
+
+def test_failed_compression_takes_the_committed_chunk_out():
+    """The compression a chunk triggers runs after the chunk's forward committed: if it raises before
+    anything was written, the cache is exactly as before the chunk (K/V, ids, chunk table, counters)."""
+    cache, _ = _stream("infinipot_v", m=40, chunks=3)  # 36 vision tokens: the next chunk compresses
+    state = _full_state(cache)
+    _failing_score(cache, 1)
+    gen = torch.Generator().manual_seed(2)
+    with pytest.raises(RuntimeError, match="policy fault"):
+        with cache.vision_chunk(VisionChunk(3, 4, stamp_ns=9 * 10**9)):
+            _write(cache, 12, gen)
+    _assert_same_state(cache, state)
+    with cache.vision_chunk(VisionChunk(3, 4, stamp_ns=10 * 10**9)):  # the next chunk goes in and compresses
+        _write(cache, 12, gen)
+    assert cache.compressions == 1 and cache.vision_length <= 40
+
+
+def test_failure_after_a_pass_wrote_is_a_partial_compression_error():
+    gen = torch.Generator().manual_seed(0)
+    cache = CappedKVCache(L, H, D, budget=CacheBudget(max_vision_tokens=40), policy=make_policy("infinipot_v"),
+                          reserve_tokens=16, layers_per_pass=1)
+    with cache.prefix():
+        _write(cache, PREFIX, gen)
+    for i in range(3):
+        with cache.vision_chunk(VisionChunk(3, 4, stamp_ns=i * 10**9)):
+            _write(cache, 12, gen)
+    state = _full_state(cache)
+    calls = _failing_score(cache, 1)  # the first pass: nothing written, undone exactly
+    with pytest.raises(RuntimeError, match="policy fault"):
+        with cache.vision_chunk(VisionChunk(3, 4, stamp_ns=5 * 10**9)):
+            _write(cache, 12, gen)
+    _assert_same_state(cache, state)
+    calls = _failing_score(cache, 2)  # layer 0 compacted, layer 1 fails: the layers now disagree
+    with pytest.raises(PartialCompressionError, match="layer 1") as info:
+        with cache.vision_chunk(VisionChunk(3, 4, stamp_ns=6 * 10**9)):
+            _write(cache, 12, gen)
+    assert calls[:2] == [[0], [1]] and isinstance(info.value.__cause__, RuntimeError)
 
 
 def test_scratch_is_removed_and_blocks_vision():

@@ -323,9 +323,23 @@ def test_exception_in_compression_takes_the_chunk_out_again(running, monkeypatch
 
 
 @pytest.mark.parametrize("running", [{"layers_per_pass": 1}], indirect=True)
-def test_exception_in_a_multi_pass_compression_restarts_the_stream(running, monkeypatch):
-    """With several compression passes the layers already compacted cannot be restored: the stream
-    restarts (memory forgotten), the pair is counted, the node goes on."""
+def test_exception_in_the_first_pass_of_a_multi_pass_compression_takes_the_chunk_out(running, monkeypatch):
+    """Nothing is written before the first pass picks its tokens: the pair is undone exactly."""
+    engine = running.node._engine
+    assert engine.cache.layers_per_pass == 1 < engine.cache.num_layers
+    while engine.cache.vision_length + 4 <= engine.cache.max_vision_tokens:
+        running.feed(40, running.stamp)
+        running.feed(41, running.stamp + 10**8)
+        running.stamp += 2 * 10**8
+    delta = _fault_pair(running, monkeypatch, engine.policy, "score", RuntimeError("injected fault in pass 0"),
+                        compresses=True)
+    assert delta == {"model_error": 2}
+
+
+@pytest.mark.parametrize("running", [{"layers_per_pass": 1}], indirect=True)
+def test_exception_in_a_later_pass_of_a_multi_pass_compression_restarts_the_stream(running, monkeypatch):
+    """Once a pass compacted its layers they cannot be restored: the stream restarts (memory forgotten,
+    PartialCompressionError), the pair is counted, the node goes on."""
     engine = running.node._engine
     assert engine.cache.layers_per_pass == 1 < engine.cache.num_layers
     while engine.cache.vision_length + 4 <= engine.cache.max_vision_tokens:
@@ -333,12 +347,22 @@ def test_exception_in_a_multi_pass_compression_restarts_the_stream(running, monk
         running.feed(41, running.stamp + 10**8)
         running.stamp += 2 * 10**8
     before = engine.counters
-    _inject_once(monkeypatch, engine.policy, "score", RuntimeError("injected fault in pass 1"))
+    real_score, calls = engine.policy.score, []
+
+    def second_pass_fails(*args, **kwargs):
+        calls.append(kwargs.get("layers"))
+        if len(calls) == 2:
+            raise RuntimeError("injected fault in pass 1")
+        return real_score(*args, **kwargs)
+
+    monkeypatch.setattr(engine.policy, "score", second_pass_fails)
     running.feed(50, running.stamp)
     running.feed(51, running.stamp + 10**8)
     running.stamp += 2 * 10**8
     assert engine.counters.rejected_by_reason.get("model_error", 0) == before.rejected_by_reason.get("model_error", 0) + 2
+    assert calls[:2] == [[0], [1]]  # layer 0 was compacted when layer 1's pass failed
     assert len(engine.cache.table) == 0 and engine.cache.vision_length == 0  # forgotten, not corrupt
+    monkeypatch.setattr(engine.policy, "score", real_score)
     running.feed(52, running.stamp)
     running.feed(53, running.stamp + 10**8)
     assert len(engine.cache.table) == 1

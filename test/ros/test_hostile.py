@@ -376,7 +376,7 @@ def test_cases_cover_every_reason_and_enough_classes():
     # type: a real rclpy message refuses it on assignment; test_conversions covers it with
     # duck-typed messages); the engine reasons missing here have their own tests below
     assert set(conv.REJECT_REASONS) - reasons == {"bad_message"}
-    assert set(ENGINE_REJECT_REASONS) - reasons == {"invalid_frame", "resolution_changed", "model_error"}
+    assert set(ENGINE_REJECT_REASONS) - reasons == {"invalid_frame", "resolution_changed", "model_error", "out_of_memory"}
     assert len(CASES) >= 40
     assert not set(conv.REJECT_REASONS) & set(ENGINE_REJECT_REASONS)
     assert REASON_ORDER == conv.REJECT_REASONS + ENGINE_REJECT_REASONS
