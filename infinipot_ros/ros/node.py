@@ -335,6 +335,11 @@ class AssistantNode(LifecycleNode):
             engine.count_frames(camera, rejected=1, reason=exc.reason)
             self.get_logger().warning(f"{camera}: frame rejected ({exc.reason}): {exc}", throttle_duration_sec=5.0)
             return
+        except Exception as exc:  # a converter/backend error we did not foresee: still one dropped frame
+            engine.count_frames(camera, rejected=1, reason="bad_message")
+            self.get_logger().error(f"{camera}: frame rejected (bad_message): conversion raised "
+                                    f"{type(exc).__name__}: {exc}", throttle_duration_sec=5.0)
+            return
         worker.submit_frame(camera, frame, stamp_ns, epoch=epoch)
 
     def _on_note(self, msg: String) -> None:

@@ -401,6 +401,26 @@ def test_far_future_stamp_does_not_poison_the_gate(rig):
     assert engine.camera_stats([CAM])[0].newest_stamp_ns <= rig.now_ns() + engine.gate.max_future_ns
 
 
+def test_unforeseen_conversion_error_is_one_rejected_frame(rig, monkeypatch):
+    """A converter or cv_bridge error that is not an ImageConversionError (a bug, a backend surprise) must
+    not escape into the executor: the frame is counted as bad_message, the cache unchanged, the next
+    frame ingests."""
+    engine = rig.engine
+    before_state, before = _state(engine), dict(engine.counters.rejected_by_reason)
+
+    def broken(msg, **kwargs):
+        raise KeyError("unforeseen")
+
+    monkeypatch.setattr("infinipot_ros.ros.node.message_to_rgb", broken)
+    rig.feed(CAM, _image(stamp_ns=rig.next_stamp()))
+    monkeypatch.undo()
+    assert _reason_delta(before, engine.counters.rejected_by_reason) == {"bad_message": 1}
+    _assert_same_state(before_state, _state(engine))
+    sampled = engine.counters.sampled
+    rig.feed(CAM, _image(stamp_ns=rig.next_stamp()))
+    assert engine.counters.sampled == sampled + 1
+
+
 def test_log_lines_are_throttled(rig, capfd):
     """100 hostile frames of one class: 100 counted, at most one log line per 5 s (rclpy throttle)."""
     time.sleep(5.2)  # the cases above logged from the same call site: let the throttle window pass
