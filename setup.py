@@ -14,6 +14,9 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["infinipot_ros", "infinipot_ros.*"]),
+    # Data files read at run time (the tiny tokenizer's corpus recipe); colcon installs the
+    # whole package directory (CMakeLists.txt), so they are there too.
+    package_data={"infinipot_ros.models": ["data/*.json"]},
     install_requires=[
         "numpy>=1.23",
         "torch>=2.4",
@@ -26,6 +29,7 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.60",
         "rosbags>=0.10",
+        "filelock>=3.12",
     ],
     extras_require={
         "bench": ["matplotlib>=3.7"],

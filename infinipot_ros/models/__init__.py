@@ -7,20 +7,24 @@ id (``Qwen/Qwen2.5-VL-3B-Instruct``, ``Qwen/Qwen2-VL-2B-Instruct``,
 ``Qwen/Qwen3-VL-2B-Instruct``, ``llava-hf/llava-onevision-qwen2-0.5b-ov-hf``)
 or a local directory gives real weights, the family chosen by the config's
 ``model_type`` (:data:`FAMILIES`). Every transformers touch point lives in
-this package.
+this package; names are resolved by :mod:`.resolve`.
+
+Safe loading: ``trust_remote_code=False`` always (a configuration with ``auto_map``
+is refused), safetensors weights only unless ``allow_pickle``, the local HF cache
+only unless ``allow_download`` (and ``HF_HUB_OFFLINE=1`` wins over it).
 """
 from __future__ import annotations
 
-import json
-import os
-from typing import Any, Optional
+import contextlib
+from typing import Any, Iterator, Optional
 
 import torch
 
 from .base import Answer, EncodedPatch, ModelAdapter, TokenCallback
 from .static_decode import DECODE_MODES
-from . import tiny, tiny_families
-from .tiny import BUILTIN_PREFIX, TINY_MODEL_NAME, build_tiny_qwen2_5_vl, default_cache_dir
+from .resolve import (BUILTIN_MODELS, BUILTIN_PREFIX, check_local_model, check_model_config, check_weights,
+                      hub_offline_forced, looks_like_hf_id, resolve_model)
+from .tiny import TINY_MODEL_NAME, build_tiny_qwen2_5_vl, default_cache_dir
 from .tiny_families import build_tiny_llava_onevision, build_tiny_qwen2_vl, build_tiny_qwen3_vl
 
 #: Default model: the tiny Qwen2.5-VL built locally (no download, random weights).
@@ -33,9 +37,6 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "qwen3_vl": ("qwen3_vl", "Qwen3VLAdapter"),
     "llava_onevision": ("llava_onevision", "LlavaOneVisionAdapter"),
 }
-
-#: Every ``builtin:`` model name (built locally on first use, no download).
-BUILTIN_MODELS = tuple(BUILTIN_PREFIX + n for n in (TINY_MODEL_NAME, *tiny_families.BUILDERS))
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -65,26 +66,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; choose auto or one of {sorted(_DTYPES)}") from None
 
 
-def resolve_model(name_or_path, cache_dir=None) -> str:
-    """Turn a model setting into something ``from_pretrained`` can load.
-
-    ``builtin:<name>`` -> its build directory under ``<cache_dir>/models/`` (built on
-    first use; ``cache_dir`` defaults to :func:`default_cache_dir`); a local directory
-    -> its path; anything else (an HF id) unchanged. See :func:`.tiny.resolve_model`.
-
-    Raises:
-        ValueError: an unknown ``builtin:`` name (the message lists :data:`BUILTIN_MODELS`).
-    """
-    text = os.fspath(name_or_path)
-    if text.startswith(BUILTIN_PREFIX):
-        name = text[len(BUILTIN_PREFIX):]
-        if name in tiny_families.BUILDERS:
-            return str(tiny_families.builtin_dir(name, cache_dir))
-        if text not in BUILTIN_MODELS:
-            raise ValueError(f"unknown builtin model {text!r}; known: {', '.join(BUILTIN_MODELS)}")
-    return tiny.resolve_model(text, cache_dir=cache_dir)
-
-
 def adapter_class(model_type: str) -> type:
     """The adapter class of a config ``model_type``.
 
@@ -100,14 +81,44 @@ def adapter_class(model_type: str) -> type:
     return getattr(importlib.import_module(f".{module}", __name__), cls)
 
 
-def _model_type(path: str, local_files_only: bool) -> str:
-    cfg_file = os.path.join(path, "config.json")
-    if os.path.isfile(cfg_file):
-        with open(cfg_file, encoding="utf-8") as f:
-            return json.load(f).get("model_type", "")
-    from transformers import AutoConfig
+def _hub_config(model: str, local_files_only: bool) -> dict:
+    """The raw ``config.json`` of an HF id (no code runs: a dict, not a config class).
 
-    return AutoConfig.from_pretrained(path, local_files_only=local_files_only).model_type
+    Raises:
+        OSError: not in the local HF cache (``local_files_only``) or not on the hub.
+    """
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(model, local_files_only=local_files_only)
+    except OSError as exc:
+        if not local_files_only:
+            raise
+        raise OSError(f"model.id {model!r} is neither a local directory nor in the local HF cache, and downloads "
+                      f"are off (model.allow_download: false, or HF_HUB_OFFLINE=1): {exc}") from exc
+    return config
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """While loading with ``offline``, huggingface_hub itself is offline too (``constants.HF_HUB_OFFLINE``).
+
+    ``local_files_only=True`` keeps transformers from downloading, but huggingface_hub
+    still fetches side data from the hub while building request headers (its agent-harness
+    registry, once a day) unless ``HF_HUB_OFFLINE`` is set; this closes that gap for the
+    duration of the load (process-wide: loads are not expected to run concurrently).
+    """
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
 
 
 def load_adapter(
@@ -115,6 +126,8 @@ def load_adapter(
     *,
     device: str = "auto",
     dtype: str = "auto",
+    allow_pickle: bool = False,
+    allow_download: bool = False,
     local_files_only: Optional[bool] = None,
     **adapter_kwargs: Any,
 ) -> ModelAdapter:
@@ -124,33 +137,51 @@ def load_adapter(
         model: a ``builtin:`` name (:data:`BUILTIN_MODELS`), a directory, or an HF hub id
             of a supported family (:data:`FAMILIES`, by the config's ``model_type``).
         device, dtype: see :func:`resolve_device`, :func:`resolve_dtype`.
-        local_files_only: never contact the hub; default: True unless
-            HF_HUB_OFFLINE is "0" (robots are usually offline).
+        allow_pickle: also load pickle weights (``pytorch_model.bin``, ``*.pt``) when a
+            directory has no safetensors; default False (safetensors only).
+        allow_download: fetch an HF id missing from the local HF cache from the hub;
+            default False (``local_files_only=True``: no network). ``HF_HUB_OFFLINE=1``
+            keeps the loader offline even when True.
+        local_files_only: True = offline whatever ``allow_download`` says (kept for
+            older callers); None = from ``allow_download``.
         adapter_kwargs: max_pixels, min_pixels, system_prompt, decode_mode (and the
             family's own, e.g. Qwen2-VL's ``temporal_ids_per_second``).
 
     Raises:
-        ValueError: unknown builtin, dtype, device, or unsupported model family.
-        OSError: the model cannot be found (e.g. not in the local HF cache).
+        ValueError: unknown builtin, dtype, device, unsupported model family, a
+            configuration that needs remote code (``auto_map``), pickle-only weights
+            without ``allow_pickle``.
+        FileNotFoundError, NotADirectoryError: a local path that is no model directory
+            (the message names the path and ``model.id``).
+        OSError: an HF id not in the local HF cache (offline), or not on the hub.
     """
-    if local_files_only is None:
-        local_files_only = os.environ.get("HF_HUB_OFFLINE", "1") != "0"
+    offline = bool(local_files_only) or not allow_download or hub_offline_forced()
     path = resolve_model(model)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    model_type = _model_type(path, local_files_only)
-    if model_type not in FAMILIES:
-        raise ValueError(f"model family {model_type!r} of {model!r} is not supported "
-                         f"(supported: {', '.join(FAMILIES)})")
-    cls = adapter_class(model_type)
-    adapter = cls(path, device=dev, dtype=dt, local_files_only=local_files_only, **adapter_kwargs)
+    local = not looks_like_hf_id(path)  # resolve_model made local paths absolute
+    with _hub_offline(offline):
+        if local:
+            config = check_local_model(path)
+        else:
+            config = _hub_config(path, offline)
+            check_model_config(config, f"config.json of {path}")
+        model_type = config.get("model_type", "")
+        if model_type not in FAMILIES:
+            raise ValueError(f"model family {model_type!r} of {model!r} is not supported "
+                             f"(supported: {', '.join(FAMILIES)})")
+        if local:
+            check_weights(path, allow_pickle=allow_pickle)
+        cls = adapter_class(model_type)
+        adapter = cls(path, device=dev, dtype=dt, local_files_only=offline, allow_pickle=allow_pickle,
+                      **adapter_kwargs)
     adapter.model_id = model  # report the name the user gave, not the resolved cache path
     return adapter
 
 
 __all__ = [
-    "Answer", "BUILTIN_MODELS", "DECODE_MODES", "DEFAULT_MODEL", "EncodedPatch", "FAMILIES", "ModelAdapter",
-    "TokenCallback", "adapter_class", "build_tiny_llava_onevision", "build_tiny_qwen2_5_vl", "build_tiny_qwen2_vl",
-    "build_tiny_qwen3_vl",
-    "default_cache_dir", "load_adapter", "resolve_device", "resolve_dtype", "resolve_model",
+    "Answer", "BUILTIN_MODELS", "BUILTIN_PREFIX", "DECODE_MODES", "DEFAULT_MODEL", "EncodedPatch", "FAMILIES",
+    "ModelAdapter", "TokenCallback", "adapter_class", "build_tiny_llava_onevision", "build_tiny_qwen2_5_vl",
+    "build_tiny_qwen2_vl", "build_tiny_qwen3_vl", "default_cache_dir", "load_adapter", "resolve_device",
+    "resolve_dtype", "resolve_model",
 ]

@@ -85,6 +85,7 @@ class LlavaOneVisionAdapter(ModelAdapter):
             unused: every frame is resized to the vision tower's fixed square input.
         system_prompt: system message of the chat template.
         local_files_only: never contact the hub.
+        allow_pickle: also load pickle weights when there are no safetensors (default: safetensors only).
         decode_mode: see :class:`~infinipot_ros.models.qwen2_5_vl.Qwen2_5_VLAdapter`.
     """
 
@@ -102,6 +103,7 @@ class LlavaOneVisionAdapter(ModelAdapter):
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         local_files_only: bool = True,
         decode_mode: str = "auto",
+        allow_pickle: bool = False,
     ) -> None:
         from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 
@@ -117,10 +119,12 @@ class LlavaOneVisionAdapter(ModelAdapter):
         self.dtype = dtype
         self.model = LlavaOnevisionForConditionalGeneration.from_pretrained(
             model_path, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION,
-            local_files_only=local_files_only, use_safetensors=True,
+            local_files_only=local_files_only, use_safetensors=None if allow_pickle else True,
+            trust_remote_code=False,
         ).to(self.device)
         self.model.eval()
-        self.processor = AutoProcessor.from_pretrained(model_path, local_files_only=local_files_only)
+        self.processor = AutoProcessor.from_pretrained(model_path, local_files_only=local_files_only,
+                                                       trust_remote_code=False)
         self.tokenizer = self.processor.tokenizer
         self.max_pixels, self.min_pixels = max_pixels, min_pixels
         self.system_prompt = system_prompt

@@ -159,6 +159,9 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         min_pixels: floor on pixels per frame; None keeps the processor's.
         system_prompt: system message of the chat template.
         local_files_only: never contact the hub.
+        allow_pickle: also load pickle weights (``pytorch_model.bin``) when there are no
+            safetensors; False = safetensors only. Code in the model repository never runs
+            (``trust_remote_code=False``).
         decode_mode: how answer tokens are decoded (see
             :data:`~infinipot_ros.models.static_decode.DECODE_MODES`): "auto" = a
             static-shape step, captured as a CUDA graph on CUDA; "eager" = the
@@ -178,6 +181,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         local_files_only: bool = True,
         decode_mode: str = "auto",
+        allow_pickle: bool = False,
     ) -> None:
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
@@ -196,10 +200,12 @@ class Qwen2_5_VLAdapter(ModelAdapter):
             dtype=dtype,
             attn_implementation=ATTN_IMPLEMENTATION,
             local_files_only=local_files_only,
-            use_safetensors=True,
+            use_safetensors=None if allow_pickle else True,  # None: safetensors if present, else pickle
+            trust_remote_code=False,
         ).to(self.device)
         self.model.eval()
-        self.processor = AutoProcessor.from_pretrained(model_path, local_files_only=local_files_only)
+        self.processor = AutoProcessor.from_pretrained(model_path, local_files_only=local_files_only,
+                                                       trust_remote_code=False)
         self.tokenizer = self.processor.tokenizer
 
         cfg = self.model.config

@@ -61,7 +61,8 @@ class Qwen2VLAdapter(Qwen2_5_VLAdapter):
 
     Args:
         model_path: local directory or HF id (already resolved; see ``load_adapter``).
-        device, dtype, max_pixels, min_pixels, system_prompt, local_files_only, decode_mode:
+        device, dtype, max_pixels, min_pixels, system_prompt, local_files_only, decode_mode,
+        allow_pickle:
             as :class:`~infinipot_ros.models.qwen2_5_vl.Qwen2_5_VLAdapter`.
         temporal_ids_per_second: temporal M-RoPE ids per second of stream time
             (default 1.0, the model's training scale; see the module docstring).
@@ -81,16 +82,18 @@ class Qwen2VLAdapter(Qwen2_5_VLAdapter):
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         local_files_only: bool = True,
         decode_mode: str = "auto",
+        allow_pickle: bool = False,
         temporal_ids_per_second: float = QWEN2_VL_TEMPORAL_IDS_PER_SECOND,
     ) -> None:
         if not temporal_ids_per_second > 0:
             raise ValueError(f"temporal_ids_per_second must be > 0, got {temporal_ids_per_second}")
         self._load(model_path, device=device, dtype=dtype, max_pixels=max_pixels, min_pixels=min_pixels,
-                   system_prompt=system_prompt, local_files_only=local_files_only, decode_mode=decode_mode)
+                   system_prompt=system_prompt, local_files_only=local_files_only, decode_mode=decode_mode,
+                   allow_pickle=allow_pickle)
         self.tokens_per_second = float(temporal_ids_per_second)  # what the inherited chunk_positions reads
 
     def _load(self, model_path: str, *, device, dtype, max_pixels, min_pixels, system_prompt, local_files_only,
-              decode_mode) -> None:
+              decode_mode, allow_pickle=False) -> None:
         """Load model and processor of :attr:`model_class_name` and set every attribute the inherited methods use.
 
         The Qwen2.5-VL constructor loads its own model class, so its set-up is repeated here;
@@ -114,10 +117,12 @@ class Qwen2VLAdapter(Qwen2_5_VLAdapter):
             dtype=dtype,
             attn_implementation=ATTN_IMPLEMENTATION,
             local_files_only=local_files_only,
-            use_safetensors=True,
+            use_safetensors=None if allow_pickle else True,  # None: safetensors if present, else pickle
+            trust_remote_code=False,
         ).to(self.device)
         self.model.eval()
-        self.processor = transformers.AutoProcessor.from_pretrained(model_path, local_files_only=local_files_only)
+        self.processor = transformers.AutoProcessor.from_pretrained(model_path, local_files_only=local_files_only,
+                                                                    trust_remote_code=False)
         self.tokenizer = self.processor.tokenizer
 
         cfg = self.model.config

@@ -119,7 +119,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     """Qwen3-VL (and the tiny test model of the same architecture) for streaming.
 
     Args:
-        model_path, device, dtype, system_prompt, local_files_only, decode_mode:
+        model_path, device, dtype, system_prompt, local_files_only, decode_mode, allow_pickle:
             as :class:`~infinipot_ros.models.qwen2_5_vl.Qwen2_5_VLAdapter`.
         max_pixels: cap on pixels per frame after resizing (multiples of 32 x 32: 16-pixel
             patches, 2x2 merge); the clip budget handed to the video processor is
@@ -140,9 +140,11 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         local_files_only: bool = True,
         decode_mode: str = "auto",
+        allow_pickle: bool = False,
     ) -> None:
         self._load(model_path, device=device, dtype=dtype, max_pixels=max_pixels, min_pixels=min_pixels,
-                   system_prompt=system_prompt, local_files_only=local_files_only, decode_mode=decode_mode)
+                   system_prompt=system_prompt, local_files_only=local_files_only, decode_mode=decode_mode,
+                   allow_pickle=allow_pickle)
         cfg = self.model.config
         self.vision_start_id = int(cfg.vision_start_token_id)
         self.vision_end_id = int(cfg.vision_end_token_id)

@@ -30,7 +30,8 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Optional, Tuple, Union
 
-from .tiny import BUILTIN_PREFIX, TINY_MODEL_NAME, resolve_model
+from .resolve import BUILTIN_PREFIX, resolve_model
+from .tiny import TINY_MODEL_NAME
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -132,7 +133,7 @@ def shaped_config(shapes: QwenVLShapes, vocab_size: Optional[int] = None, tiny_d
     """
     from transformers import Qwen2_5_VLConfig
 
-    tiny = Qwen2_5_VLConfig.from_pretrained(tiny_dir or _tiny_dir())
+    tiny = Qwen2_5_VLConfig.from_pretrained(tiny_dir or _tiny_dir(), trust_remote_code=False)
     tt = tiny.text_config
     text = dict(
         vocab_size=int(vocab_size or tt.vocab_size), hidden_size=shapes.hidden_size,
@@ -229,7 +230,7 @@ def build_shaped_qwen2_5_vl(
         del model
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-        AutoProcessor.from_pretrained(tiny_dir, local_files_only=True).save_pretrained(tmp)
+        AutoProcessor.from_pretrained(tiny_dir, local_files_only=True, trust_remote_code=False).save_pretrained(tmp)
         for extra in ("generation_config.json",):  # eos ids of the tiny tokenizer
             if (pathlib.Path(tiny_dir) / extra).is_file():
                 shutil.copyfile(pathlib.Path(tiny_dir) / extra, tmp / extra)

@@ -20,20 +20,28 @@ Files in a build directory (all written by transformers except the marker):
 * ``infinipot_build.json`` - marker written last: recipe name and version,
   seed, library versions. A directory without it is not a complete build.
 
-Public API: :data:`BUILTIN_PREFIX`, :data:`TINY_MODEL_NAME`,
-:func:`default_cache_dir`, :func:`build_tiny_qwen2_5_vl`, :func:`resolve_model`.
+The tokenizer's training corpus is generated from ``data/tiny_corpus.json``
+(word banks, sentence templates, fixed texts; shipped as package data) by
+:func:`_corpus`. Model names (``builtin:...``) are resolved by
+:mod:`.resolve`, not here.
+
+Public API: :data:`TINY_MODEL_NAME`, :data:`RECIPE_VERSION`, :data:`MARKER_FILE`,
+:func:`default_cache_dir`, :func:`build_tiny_qwen2_5_vl`, :func:`build_atomically`
+(the build directory protocol every builtin model uses), :func:`read_marker`,
+:func:`write_marker`.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import pathlib
 import shutil
-import uuid
-from typing import Iterator, List, Optional, Sequence, Union
+import tempfile
+from importlib import resources
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Union
 
-BUILTIN_PREFIX = "builtin:"
 TINY_MODEL_NAME = "tiny-qwen2.5-vl"
 
 #: Bump whenever anything that changes the written files changes (config,
@@ -42,10 +50,9 @@ RECIPE_VERSION = 1
 
 MARKER_FILE = "infinipot_build.json"
 _RECIPE_NAME = TINY_MODEL_NAME
-_KNOWN_BUILTINS = (TINY_MODEL_NAME,)
 
-# Files that must exist (besides the marker) for a build to count as complete.
-_REQUIRED_FILES = (
+#: Files that must exist (besides the marker) for a build to count as complete.
+REQUIRED_FILES = (
     "config.json",
     "model.safetensors",
     "tokenizer.json",
@@ -139,45 +146,15 @@ def default_cache_dir() -> pathlib.Path:
     return pathlib.Path.home() / ".cache" / "infinipot_ros"
 
 
-def resolve_model(name_or_path: PathLike, cache_dir: Optional[PathLike] = None) -> str:
-    """Turn a model setting into something ``from_pretrained`` can load.
-
-    * ``"builtin:tiny-qwen2.5-vl"`` -> ``<cache_dir>/models/tiny-qwen2.5-vl``,
-      built on first use (a few seconds on a CPU) and reused afterwards.
-      ``cache_dir`` defaults to :func:`default_cache_dir`.
-    * an existing local directory -> its path (``~`` expanded).
-    * anything else (e.g. an HF hub id) -> returned unchanged; the caller
-      loads it under the hub's own offline rules.
-
-    Raises:
-        ValueError: for an unknown ``builtin:`` name (the message lists the
-            known names).
-        FileExistsError, OSError: see :func:`build_tiny_qwen2_5_vl`.
-    """
-    text = os.fspath(name_or_path)
-    if text.startswith(BUILTIN_PREFIX):
-        name = text[len(BUILTIN_PREFIX):]
-        if name not in _KNOWN_BUILTINS:
-            known = ", ".join(BUILTIN_PREFIX + n for n in _KNOWN_BUILTINS)
-            raise ValueError(f"unknown builtin model {text!r}; known: {known}")
-        root = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        return str(build_tiny_qwen2_5_vl(root / "models" / name))
-    expanded = os.path.expanduser(text)
-    if os.path.isdir(expanded):
-        return expanded
-    return text
-
-
 def build_tiny_qwen2_5_vl(out_dir: PathLike, seed: int = 0, overwrite: bool = False) -> pathlib.Path:
     """Build the tiny Qwen2.5-VL (model, tokenizer, processors, template) into ``out_dir``.
 
-    The build is written into a temporary directory next to ``out_dir`` and
-    renamed into place only when complete (marker file last), so a crash never
-    leaves a directory that later loads half-written. A file lock next to
-    ``out_dir`` serialises concurrent builders. If ``out_dir`` already holds a
-    complete build of this recipe version and ``seed``, nothing is done unless
-    ``overwrite`` is true. An older build of this recipe (other version or
-    seed) is replaced. Same ``seed`` -> byte-identical ``model.safetensors``.
+    Written through :func:`build_atomically`: a crash never leaves a directory that
+    later loads half-written, concurrent builders of one ``out_dir`` wait for each
+    other. If ``out_dir`` already holds a complete build of this recipe version and
+    ``seed``, nothing is done unless ``overwrite`` is true; an older build of this
+    recipe (other version or seed) is replaced. Same ``seed`` -> byte-identical
+    ``model.safetensors``.
 
     Args:
         out_dir: target directory (created, with parents).
@@ -193,41 +170,102 @@ def build_tiny_qwen2_5_vl(out_dir: PathLike, seed: int = 0, overwrite: bool = Fa
         NotADirectoryError: ``out_dir`` exists and is a file.
         OSError: on file-system errors while writing.
     """
-    out = pathlib.Path(out_dir).expanduser().absolute()
     seed = int(seed)
+    return build_atomically(
+        out_dir,
+        is_complete=lambda d: _is_complete_build(d, seed),
+        write=lambda d: _write_build(d, seed),
+        overwrite=overwrite,
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Build directory protocol (every builtin model: this one and tiny_families)
+# --------------------------------------------------------------------------- #
+def build_atomically(
+    out_dir: PathLike,
+    is_complete: Callable[[pathlib.Path], bool],
+    write: Callable[[pathlib.Path], None],
+    overwrite: bool = False,
+) -> pathlib.Path:
+    """Write a model directory with ``write`` and move it to ``out_dir`` in one rename.
+
+    Under a ``filelock.FileLock`` on ``<parent>/.<name>.lock`` (concurrent builders
+    of one target wait; the second finds the first one's build complete):
+    ``is_complete(out)`` true and not ``overwrite`` -> nothing to do; else
+    ``write(new)`` fills ``new`` inside a ``tempfile.TemporaryDirectory`` next to
+    ``out_dir`` (same file system), its files are fsync'ed, a previous ``out_dir`` is
+    moved into that temporary directory and ``new`` takes its place with
+    ``os.replace``; leaving the ``with`` deletes the old build. A builder killed half
+    way leaves only a ``.<name>.tmp-*`` directory, removed by the next builder (it
+    holds the lock, so no live builder owns it) and never taken for a build.
+
+    Args:
+        out_dir: target directory (parents created).
+        is_complete: whether a directory holds the build wanted (marker, files).
+        write: fills the empty directory it is given; the marker file last.
+        overwrite: rebuild even when ``is_complete(out_dir)``.
+
+    Returns:
+        ``out_dir`` as an absolute path.
+
+    Raises:
+        FileExistsError: ``out_dir`` is a non-empty directory without :data:`MARKER_FILE`
+            (never deleted).
+        NotADirectoryError: ``out_dir`` is a file.
+        OSError: file-system errors (``out_dir`` keeps its previous content).
+    """
+    from filelock import FileLock
+
+    out = pathlib.Path(out_dir).expanduser().absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _build_lock(out):
-        if not overwrite and _is_complete_build(out, seed):
+    with FileLock(str(out.parent / f".{out.name}.lock")):
+        if not overwrite and is_complete(out):
             return out
         _check_replaceable(out)
         _remove_stale_temps(out)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            _write_build(tmp, seed)
-            _swap_into_place(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.tmp-", dir=out.parent) as staging:
+            new, old = pathlib.Path(staging) / "new", pathlib.Path(staging) / "old"
+            new.mkdir()
+            write(new)
+            _fsync_files(new)
+            if os.path.lexists(out):
+                os.replace(out, old)
+            try:
+                os.replace(new, out)
+            except OSError:
+                if old.exists():
+                    os.replace(old, out)
+                raise
     return out
 
 
-# --------------------------------------------------------------------------- #
-# Build directory bookkeeping
-# --------------------------------------------------------------------------- #
-def _read_marker(directory: pathlib.Path) -> Optional[dict]:
-    """Return the parsed marker of ``directory`` or None if absent/unreadable."""
+def read_marker(directory: pathlib.Path) -> Optional[dict]:
+    """The parsed :data:`MARKER_FILE` of ``directory``, or None if absent or unreadable."""
     try:
-        with open(directory / MARKER_FILE, encoding="utf-8") as handle:
+        with open(pathlib.Path(directory) / MARKER_FILE, encoding="utf-8") as handle:
             data = json.load(handle)
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
 
 
+def write_marker(directory: pathlib.Path, recipe: str, version: int, seed: int, **facts: Any) -> None:
+    """Write :data:`MARKER_FILE` (recipe, version, seed, library versions, ``facts``) into ``directory``."""
+    import tokenizers
+    import torch
+    import transformers
+
+    marker = dict(facts, recipe=recipe, recipe_version=version, seed=seed,
+                  transformers=transformers.__version__, tokenizers=tokenizers.__version__, torch=torch.__version__)
+    with open(pathlib.Path(directory) / MARKER_FILE, "w", encoding="utf-8") as handle:
+        json.dump(marker, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+
+
 def _is_complete_build(directory: pathlib.Path, seed: int) -> bool:
     """True if ``directory`` holds a complete build of this recipe version and seed."""
-    marker = _read_marker(directory)
+    marker = read_marker(directory)
     if marker is None:
         return False
     if (
@@ -236,7 +274,7 @@ def _is_complete_build(directory: pathlib.Path, seed: int) -> bool:
         or marker.get("seed") != seed
     ):
         return False
-    return all((directory / name).is_file() for name in _REQUIRED_FILES)
+    return all((directory / name).is_file() for name in REQUIRED_FILES)
 
 
 def _check_replaceable(out: pathlib.Path) -> None:
@@ -249,64 +287,27 @@ def _check_replaceable(out: pathlib.Path) -> None:
         return
     raise FileExistsError(
         f"{out} is not empty and holds no {MARKER_FILE}; refusing to replace a directory "
-        "that was not written by build_tiny_qwen2_5_vl (choose another output directory)"
+        "that was not written by an infinipot_ros builder (choose another output directory)"
     )
 
 
 def _remove_stale_temps(out: pathlib.Path) -> None:
-    """Delete temporary build dirs left by crashed builders (caller holds the lock)."""
-    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):
+    """Delete the staging directories of crashed builders of ``out`` (the caller holds its lock)."""
+    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):  # .old-*: left by builds before filelock
         for stale in out.parent.glob(pattern):
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
 
 
-def _swap_into_place(tmp: pathlib.Path, out: pathlib.Path) -> None:
-    """Rename the finished ``tmp`` to ``out``, moving any previous ``out`` aside first."""
-    old = None
-    if os.path.lexists(out):
-        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        if old is not None and not os.path.lexists(out):
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(out.parent)
-
-
-def _fsync_dir(directory: pathlib.Path) -> None:
-    """fsync a directory so a rename inside it survives a power loss (best effort)."""
-    try:
-        fd = os.open(directory, getattr(os, "O_DIRECTORY", 0) | os.O_RDONLY)
-    except OSError:  # pragma: no cover
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _build_lock(out: pathlib.Path) -> Iterator[None]:
-    """Exclusive advisory lock on ``<parent>/.<name>.lock`` (no-op without fcntl)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
-        yield
-        return
-    lock_path = out.parent / f".{out.name}.lock"
-    with open(lock_path, "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+def _fsync_files(directory: pathlib.Path) -> None:
+    """Flush every file under ``directory`` to disk, so the rename never publishes unwritten data."""
+    for path in directory.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 # --------------------------------------------------------------------------- #
@@ -314,7 +315,6 @@ def _build_lock(out: pathlib.Path) -> Iterator[None]:
 # --------------------------------------------------------------------------- #
 def _write_build(directory: pathlib.Path, seed: int) -> None:
     """Write model, generation config, processor and marker into ``directory``."""
-    import tokenizers
     import torch
     import transformers
 
@@ -336,32 +336,7 @@ def _write_build(directory: pathlib.Path, seed: int) -> None:
     model.save_pretrained(directory, safe_serialization=True)
     processor.save_pretrained(directory)
 
-    marker = {
-        "recipe": _RECIPE_NAME,
-        "recipe_version": RECIPE_VERSION,
-        "seed": seed,
-        "vocab_size": len(tokenizer),
-        "transformers": transformers.__version__,
-        "tokenizers": tokenizers.__version__,
-        "torch": torch.__version__,
-    }
-    marker_tmp = directory / (MARKER_FILE + ".part")
-    with open(marker_tmp, "w", encoding="utf-8") as handle:
-        json.dump(marker, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(marker_tmp, directory / MARKER_FILE)
-    _fsync_tree(directory)
-
-
-def _fsync_tree(directory: pathlib.Path) -> None:
-    """Flush every file of ``directory`` and the directory entry itself to disk."""
-    for path in sorted(directory.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    _fsync_dir(directory)
+    write_marker(directory, _RECIPE_NAME, RECIPE_VERSION, seed, vocab_size=len(tokenizer))
 
 
 @contextlib.contextmanager
@@ -532,104 +507,39 @@ def _build_tokenizer():
 # --------------------------------------------------------------------------- #
 # Deterministic training corpus
 # --------------------------------------------------------------------------- #
-_COLOURS = (
-    "red orange yellow green blue purple violet pink brown black white grey gray silver gold "
-    "beige cyan magenta navy teal maroon olive turquoise dark light bright pale"
-).split()
-_OBJECTS = (
-    "cup mug bottle glass plate bowl spoon fork knife chair table desk sofa couch bed lamp door "
-    "window wall floor ceiling shelf box bag backpack book notebook pen pencil phone laptop "
-    "computer keyboard mouse monitor screen camera cable charger battery ball toy robot drone "
-    "car truck bus bicycle bike motorcycle scooter train boat plane tree plant flower grass rock "
-    "stone sign light pole fence gate bench umbrella hat helmet jacket shirt shoe glove key "
-    "wallet watch clock mirror picture painting poster towel sink tap faucet oven fridge "
-    "microwave kettle toaster pan pot basket bucket ladder hammer screwdriver wrench drill saw "
-    "tape rope wire pipe valve sensor gripper arm wheel track pallet crate forklift cone "
-    "barrier marker label package parcel tray cart trolley"
-).split()
-_PEOPLE = (
-    "person man woman child boy girl worker engineer operator driver cyclist pedestrian "
-    "student teacher doctor nurse guard visitor customer technician pilot chef officer "
-    "someone nobody everyone people crowd group team family friend"
-).split()
-_ANIMALS = "dog cat bird horse cow sheep duck pigeon squirrel rabbit mouse fish".split()
-_PLACES = (
-    "kitchen office room hallway corridor garage warehouse factory lab laboratory street road "
-    "sidewalk crossing parking lot park garden yard field forest beach station platform "
-    "elevator stairs entrance exit loading dock shop store market hospital school classroom "
-    "library bathroom bedroom living dining area corner"
-).split()
-_VERBS = (
-    "is are was were holds holding carries carrying moves moving walks walking runs running "
-    "stands standing sits sitting opens opening closes closing picks picking places placing "
-    "puts putting drops dropping lifts lifting pushes pushing pulls pulling turns turning "
-    "enters entering leaves leaving looks looking points pointing waves waving drives driving "
-    "rides riding crosses crossing stops stopping waits waiting appears appeared disappears "
-    "disappeared falls falling rolls rolling slides sliding approaches approaching passes "
-    "passing follows following grabs grabbing releases releasing scans scanning detects "
-    "detected sees saw seen watches watched reaches reached returns returned"
-).split()
-_ADJECTIVES = (
-    "small large big tiny huge tall short long wide narrow open closed empty full heavy "
-    "round square flat broken new old clean dirty wet dry hot cold soft hard shiny plastic "
-    "metal wooden glass paper cardboard rubber striped dotted moving static blurry sharp "
-    "visible hidden partial nearby distant left right upper lower front back middle"
-).split()
-_DIRECTIONS = (
-    "left right up down forward backward north south east west above below behind beside "
-    "between near far inside outside under over across along toward towards away around "
-    "through into onto from off center top bottom side"
-).split()
-_TIME = (
-    "now then before after during while when first second third last next earlier later "
-    "recently already still again once twice always never sometimes today yesterday tomorrow "
-    "morning afternoon evening night minute minutes second seconds hour hours frame frames "
-    "moment time clip video scene stream camera view"
-).split()
-_NUMBER_WORDS = (
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-    "fifteen sixteen seventeen eighteen nineteen twenty thirty forty fifty sixty seventy "
-    "eighty ninety hundred thousand million half quarter dozen several many few some all none"
-).split()
-_QUESTIONS = (
-    "What is the {adj} {obj} doing?",
-    "Where is the {col} {obj}?",
-    "How many {obj}s are on the {obj2}?",
-    "Did the {who} pick up the {obj}?",
-    "What colour is the {obj} near the {obj2}?",
-    "Is there a {who} in the {place}?",
-    "Which way did the {animal} go?",
-    "When did the {who} leave the {place}?",
-    "Can you describe what happened in the video?",
-    "What changed in the scene since the last frame?",
-    "Summarize the last {num} seconds of the stream.",
-    "Who is holding the {col} {obj}?",
-)
-_STATEMENTS = (
-    "The {col} {obj} is {dir} the {obj2}.",
-    "A {who} {verb} the {adj} {obj} in the {place}.",
-    "There are {num} {obj}s on the {adj} {obj2}.",
-    "The {animal} {verb} {dir} the {place}.",
-    "At {n1}:{n2}{n3} the {who} {verb} a {col} {obj}.",
-    "The robot {verb} the {obj} and moves {dir}.",
-    "I can see a {adj} {obj} {dir} the {col} {obj2}.",
-    "The {who} {verb} {dir} with a {obj}, then the {obj2} {verb}.",
-    "In frame {n1}{n2}{n3}, the {col} {obj} is at x={n1}{n2}, y={n3}{n1}.",
-    "The {place} is {adj}; {num} people are {verb} near the {obj}.",
-    "It was {time} when the {animal} crossed the {place}.",
-    "Nothing changed: the {obj} is still {dir} the {obj2}.",
-    "The {col} {obj} ({adj}) is {n1}.{n2} m away, bearing {n3}{n1} degrees.",
-    "Yes, the {who} {verb} the {obj}. No, the {obj2} did not move.",
-    "First the {who} {verb} the {obj}; later a {col} {obj2} appeared {dir} it!",
-)
-_FIXED_TEXT = (
-    "system", "user", "assistant", "You are a helpful assistant.",
-    "You are a video assistant on a robot. Answer briefly.",
-    "Picture", "Video", "Describe the video.", "Answer the question about the video.",
-    "I don't know.", "I can't see that.", "It's there.", "We're done.", "They've left.",
-    "I'll check.", "It'd move.", "I'm here.",
-    "0123456789", "+-*/=<>()[]{}", "!?.,;:'\"`~@#$%^&_|\\", "\n\n", "\t",
-)
+#: The corpus recipe (package data, see ``setup.py`` package_data and CMakeLists.txt's install).
+CORPUS_FILE = "data/tiny_corpus.json"
+
+# Word bank of each template field, in the order the banks are listed in the corpus.
+_BANK_FIELDS = (("col", "colours"), ("obj", "objects"), ("who", "people"), ("animal", "animals"),
+                ("place", "places"), ("verb", "verbs"), ("adj", "adjectives"), ("dir", "directions"),
+                ("time", "time"), ("num", "number_words"))
+
+
+@functools.lru_cache(maxsize=1)
+def corpus_recipe() -> Mapping[str, Any]:
+    """The parsed :data:`CORPUS_FILE`: ``banks`` (name -> tuple of words), ``statements``,
+    ``questions``, ``fixed_text`` (tuples of str), ``lcg_seed``, ``num_sentences``, ``chat_samples``.
+
+    Raises:
+        FileNotFoundError: the package was installed without its data file.
+        ValueError: the file lacks a field or a word bank.
+    """
+    text = resources.files(__package__).joinpath(CORPUS_FILE).read_text(encoding="utf-8")
+    data = json.loads(text)
+    try:
+        banks = {name: tuple(data["banks"][name].split()) for _, name in _BANK_FIELDS}
+        return {
+            "banks": banks,
+            "statements": tuple(data["statements"]),
+            "questions": tuple(data["questions"]),
+            "fixed_text": tuple(data["fixed_text"]),
+            "lcg_seed": int(data["lcg_seed"]),
+            "num_sentences": int(data["num_sentences"]),
+            "chat_samples": int(data["chat_samples"]),
+        }
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{CORPUS_FILE} of {__package__} is incomplete: {exc!r}") from None
 
 
 class _Lcg:
@@ -646,50 +556,43 @@ class _Lcg:
         return items[self.below(len(items))]
 
 
-def _corpus(num_sentences: int = 12000) -> List[str]:
+def _corpus(num_sentences: Optional[int] = None) -> List[str]:
     """Return the deterministic English corpus the tokenizer is trained on.
 
-    It mixes templated statements and questions about scenes (people, objects,
-    robots, colours, directions, numbers), every word bank in plain, capitalised
-    and space-prefixed form, and the chat-template words. It does not depend on
-    the weight seed, so token ids are the same for every seed.
+    Generated from :func:`corpus_recipe`: the fixed texts; every word bank in plain,
+    capitalised and plural-ish form, three times each; ``num_sentences`` templated
+    statements and questions about scenes (people, objects, robots, colours, directions,
+    numbers) with fields drawn by a fixed LCG; chat-formatted samples. It does not
+    depend on the weight seed, so token ids are the same for every seed.
     """
-    rng = _Lcg(20250611)
-    lines: List[str] = list(_FIXED_TEXT)
-    banks = (_COLOURS, _OBJECTS, _PEOPLE, _ANIMALS, _PLACES, _VERBS, _ADJECTIVES,
-             _DIRECTIONS, _TIME, _NUMBER_WORDS)
-    for bank in banks:
+    recipe = corpus_recipe()
+    banks = recipe["banks"]
+    if num_sentences is None:
+        num_sentences = recipe["num_sentences"]
+    rng = _Lcg(recipe["lcg_seed"])
+    lines: List[str] = list(recipe["fixed_text"])
+    for _, name in _BANK_FIELDS:
+        bank = banks[name]
         # Each word alone, capitalised, plural-ish and inside a sentence, a few times,
         # so every word of the banks ends up a token or a short token sequence.
         for _ in range(3):
             lines.append(" ".join(bank))
             lines.append(" ".join(w.capitalize() for w in bank))
             lines.append(", ".join(w + "s" for w in bank) + ".")
-    templates = _STATEMENTS + _QUESTIONS
+    templates = recipe["statements"] + recipe["questions"]
+    # Field order of the draws: part of the recipe (it fixes the LCG stream).
+    draw_order = ("col", "obj", "obj2", "who", "animal", "place", "verb", "adj", "dir", "time", "num")
+    bank_of = dict(_BANK_FIELDS, obj2="objects")
     for _ in range(num_sentences):
         template = templates[rng.below(len(templates))]
-        lines.append(
-            template.format(
-                col=rng.pick(_COLOURS), obj=rng.pick(_OBJECTS), obj2=rng.pick(_OBJECTS),
-                who=rng.pick(_PEOPLE), animal=rng.pick(_ANIMALS), place=rng.pick(_PLACES),
-                verb=rng.pick(_VERBS), adj=rng.pick(_ADJECTIVES), dir=rng.pick(_DIRECTIONS),
-                time=rng.pick(_TIME), num=rng.pick(_NUMBER_WORDS),
-                n1=str(rng.below(10)), n2=str(rng.below(10)), n3=str(rng.below(10)),
-            )
-        )
+        fields = {key: rng.pick(banks[bank_of[key]]) for key in draw_order}
+        fields.update(n1=str(rng.below(10)), n2=str(rng.below(10)), n3=str(rng.below(10)))
+        lines.append(template.format(**fields))
     # Chat-formatted samples (template words and newlines around them).
-    for i in range(200):
-        lines.append(
-            "system\nYou are a helpful assistant.\nuser\n"
-            + templates[i % len(templates)].format(
-                col=_COLOURS[i % len(_COLOURS)], obj=_OBJECTS[i % len(_OBJECTS)],
-                obj2=_OBJECTS[(7 * i) % len(_OBJECTS)], who=_PEOPLE[i % len(_PEOPLE)],
-                animal=_ANIMALS[i % len(_ANIMALS)], place=_PLACES[i % len(_PLACES)],
-                verb=_VERBS[i % len(_VERBS)], adj=_ADJECTIVES[i % len(_ADJECTIVES)],
-                dir=_DIRECTIONS[i % len(_DIRECTIONS)], time=_TIME[i % len(_TIME)],
-                num=_NUMBER_WORDS[i % len(_NUMBER_WORDS)],
-                n1=str(i % 10), n2=str((i // 10) % 10), n3=str((i // 100) % 10),
-            )
-            + "\nassistant\n"
-        )
+    for i in range(recipe["chat_samples"]):
+        fields = {key: banks[name][i % len(banks[name])] for key, name in _BANK_FIELDS}
+        fields["obj2"] = banks["objects"][(7 * i) % len(banks["objects"])]
+        fields.update(n1=str(i % 10), n2=str((i // 10) % 10), n3=str((i // 100) % 10))
+        lines.append("system\nYou are a helpful assistant.\nuser\n" + templates[i % len(templates)].format(**fields)
+                     + "\nassistant\n")
     return lines

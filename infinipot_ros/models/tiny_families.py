@@ -10,8 +10,9 @@ the Auto classes, as real checkpoints are; no download, no GPU.
 
 Shared with the tiny Qwen2.5-VL (:mod:`.tiny`): the tokenizer (same corpus,
 same special-token ids), the chat template, the build directory protocol
-(temporary directory, file lock, marker file written last, atomic rename,
-refusal to replace a directory that is not a build). What differs:
+(:func:`~.tiny.build_atomically`: file lock, temporary directory, marker file
+written last, one ``os.replace``, refusal to replace a directory that is not a
+build). What differs:
 
 * ``tiny-qwen2-vl``: Qwen2-VL vision tower (full attention in every block,
   LayerNorm + GELU blocks, LayerNorm + MLP merger; no window attention, no
@@ -33,12 +34,8 @@ Public API: :data:`TINY_QWEN2_VL`, :data:`TINY_QWEN3_VL`, :data:`TINY_LLAVA_ONEV
 """
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import shutil
-import uuid
-from typing import Callable, Optional
+from typing import Callable
 
 from . import tiny
 from .tiny import PathLike
@@ -50,8 +47,6 @@ TINY_LLAVA_ONEVISION = "tiny-llava-onevision"
 #: Bump a family's version whenever anything that changes its written files changes.
 RECIPE_VERSIONS = {TINY_QWEN2_VL: 1, TINY_QWEN3_VL: 1, TINY_LLAVA_ONEVISION: 1}
 
-_REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                   "processor_config.json")
 _INIT_RANGE = 0.1  # value norms / key similarities vary per token (see docs/models-offline)
 
 # Text stack shared by both families: hidden 128, 4 layers, 4 query / 2 KV heads, head_dim 32.
@@ -98,54 +93,26 @@ BUILDERS: dict[str, Callable[..., pathlib.Path]] = {
 
 
 # --------------------------------------------------------------------------- #
-# Build directory protocol (the helpers of .tiny, keyed by recipe name)
+# Build directory protocol (:func:`.tiny.build_atomically`, keyed by recipe name)
 # --------------------------------------------------------------------------- #
 def _build(out_dir: PathLike, recipe: str, seed: int, overwrite: bool,
            write: Callable[[pathlib.Path, int], None]) -> pathlib.Path:
-    out = pathlib.Path(out_dir).expanduser().absolute()
     seed = int(seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tiny._build_lock(out):
-        if not overwrite and _is_complete(out, recipe, seed):
-            return out
-        tiny._check_replaceable(out)
-        tiny._remove_stale_temps(out)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            write(tmp, seed)
-            _write_marker(tmp, recipe, seed)
-            tiny._swap_into_place(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    def write_all(directory: pathlib.Path) -> None:
+        write(directory, seed)
+        tiny.write_marker(directory, recipe, RECIPE_VERSIONS[recipe], seed)
+
+    return tiny.build_atomically(out_dir, is_complete=lambda d: _is_complete(d, recipe, seed), write=write_all,
+                                 overwrite=overwrite)
 
 
 def _is_complete(directory: pathlib.Path, recipe: str, seed: int) -> bool:
-    marker = tiny._read_marker(directory)
+    marker = tiny.read_marker(directory)
     if marker is None or marker.get("recipe") != recipe or marker.get("seed") != seed \
             or marker.get("recipe_version") != RECIPE_VERSIONS[recipe]:
         return False
-    return all((directory / name).is_file() for name in _REQUIRED_FILES)
-
-
-def _write_marker(directory: pathlib.Path, recipe: str, seed: int) -> None:
-    import tokenizers
-    import torch
-    import transformers
-
-    marker = {"recipe": recipe, "recipe_version": RECIPE_VERSIONS[recipe], "seed": seed,
-              "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
-              "torch": torch.__version__}
-    part = directory / (tiny.MARKER_FILE + ".part")
-    with open(part, "w", encoding="utf-8") as handle:
-        json.dump(marker, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(part, directory / tiny.MARKER_FILE)
-    tiny._fsync_tree(directory)
+    return all((directory / name).is_file() for name in tiny.REQUIRED_FILES)
 
 
 def _save(directory: pathlib.Path, model_cls, config, processor, tokenizer, seed: int) -> None:
@@ -317,13 +284,3 @@ def _write_llava_onevision(directory: pathlib.Path, seed: int) -> None:
         chat_template=LLAVA_OV_CHAT_TEMPLATE,
     )
     _save(directory, LlavaOnevisionForConditionalGeneration, config, processor, tokenizer, seed)
-
-
-def builtin_dir(name: str, cache_dir: Optional[PathLike] = None) -> pathlib.Path:
-    """``<cache_dir>/models/<name>`` (default :func:`~infinipot_ros.models.tiny.default_cache_dir`), built on first use.
-
-    Raises:
-        KeyError: ``name`` is not in :data:`BUILDERS`.
-    """
-    root = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else tiny.default_cache_dir()
-    return BUILDERS[name](root / "models" / name)

@@ -1,4 +1,4 @@
-"""Tests of the embedded tiny Qwen2.5-VL builder (infinipot_ros.models.tiny).
+"""Tests of the embedded tiny Qwen2.5-VL builder (infinipot_ros.models.tiny) and builtin name resolution.
 
 The model is built once per module into a temporary directory and loaded back
 through the same transformers entry points real weights use (AutoConfig,
@@ -11,12 +11,15 @@ import json
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
+from importlib import resources
 
 import numpy as np
 import pytest
 import torch
 
-from infinipot_ros.models import tiny
+from infinipot_ros.models import resolve, tiny
 from infinipot_ros.tools import build_tiny_model
 
 transformers = pytest.importorskip("transformers")
@@ -270,16 +273,75 @@ def test_refuses_foreign_directory(tmp_path, capsys):
 
 def test_resolve_model(built, tmp_path):
     with pytest.raises(ValueError, match="builtin:tiny-qwen2.5-vl"):
-        tiny.resolve_model("builtin:nope")
-    assert tiny.resolve_model(str(built)) == str(built)
-    assert tiny.resolve_model("Qwen/Qwen2.5-VL-3B-Instruct") == "Qwen/Qwen2.5-VL-3B-Instruct"
+        resolve.resolve_model("builtin:nope")
+    assert resolve.resolve_model(str(built)) == os.path.realpath(built)
+    assert resolve.resolve_model("Qwen/Qwen2.5-VL-3B-Instruct") == "Qwen/Qwen2.5-VL-3B-Instruct"
     # builtin name -> <cache>/models/<name>; a complete build already there is reused
     cache = tmp_path / "cache"
     target = cache / "models" / tiny.TINY_MODEL_NAME
     shutil.copytree(built, target)
     mtime = (target / "model.safetensors").stat().st_mtime_ns
-    assert tiny.resolve_model(tiny.BUILTIN_PREFIX + tiny.TINY_MODEL_NAME, cache_dir=cache) == str(target)
+    assert resolve.resolve_model(resolve.BUILTIN_PREFIX + tiny.TINY_MODEL_NAME, cache_dir=cache) == str(target)
     assert (target / "model.safetensors").stat().st_mtime_ns == mtime
+    assert resolve.BUILTIN_MODELS[0] == resolve.BUILTIN_PREFIX + tiny.TINY_MODEL_NAME
+
+
+#: sha256 of the generated tokenizer corpus ("\n"-joined lines): the data file and the generator
+#: together must keep giving this text, or the tokenizer (and every tiny model) changes.
+CORPUS_SHA256 = "bcccb65b42d869fd92ed2864f207dcb6c1983ee535b8aabed1d8d305bae51c31"
+
+
+def test_corpus_is_package_data_and_unchanged():
+    data = resources.files("infinipot_ros.models").joinpath(tiny.CORPUS_FILE)
+    assert data.is_file(), f"{tiny.CORPUS_FILE} missing from the installed package"
+    setup_py = (pathlib.Path(__file__).resolve().parents[2] / "setup.py").read_text()
+    assert '"infinipot_ros.models": ["data/*.json"]' in setup_py
+    lines = tiny._corpus()
+    assert len(lines) == 12312
+    assert hashlib.sha256("\n".join(lines).encode()).hexdigest() == CORPUS_SHA256
+
+
+def test_concurrent_builders_make_one_complete_build(built, tmp_path):
+    """Two processes building one target at once: both succeed, one build is published, no temp dir left."""
+    out = tmp_path / "shared" / tiny.TINY_MODEL_NAME
+    code = ("import sys, os; from infinipot_ros.models import tiny; p = tiny.build_tiny_qwen2_5_vl(sys.argv[1]); "
+            "st = os.stat(p / tiny.MARKER_FILE); print(st.st_ino, st.st_mtime_ns)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [r[1][-2000:] for r in results]
+    seen = {r[0].strip().splitlines()[-1] for r in results}
+    assert len(seen) == 1, f"the second builder replaced the first one's build: {seen}"
+    assert tiny._is_complete_build(out, 0)
+    assert _sha256(out / "model.safetensors") == _sha256(built / "model.safetensors")
+    assert sorted(p.name for p in out.parent.iterdir()) == [f".{out.name}.lock", out.name]
+
+
+def test_stale_temp_dir_is_never_the_build_and_is_cleaned(built, tmp_path):
+    """A crashed builder's staging directory (even holding a complete copy) is not used, and is removed."""
+    out = tmp_path / "model"
+    stale = tmp_path / ".model.tmp-crashed"
+    shutil.copytree(built, stale / "new")
+    assert resolve.looks_like_hf_id(str(out)) is False
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        resolve.check_model_dir(out)
+    tiny.build_tiny_qwen2_5_vl(out, seed=0)
+    assert tiny._is_complete_build(out, 0) and not stale.exists()
+
+
+def test_failed_build_keeps_the_previous_one(built, tmp_path):
+    out = tmp_path / "model"
+    shutil.copytree(built, out)
+    before = _sha256(out / "model.safetensors")
+
+    def broken(directory):
+        (directory / "config.json").write_text("{}")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        tiny.build_atomically(out, is_complete=lambda d: False, write=broken)
+    assert _sha256(out / "model.safetensors") == before and tiny._is_complete_build(out, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.lock", "model"]
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
