@@ -6,6 +6,7 @@ from typing import Any, Optional, Tuple
 
 from ..kv import DEFAULT_POOL_KERNELS, POLICIES, CacheBudget, PolicySettings, ScoringPolicy, make_policy
 from ..models import DECODE_MODES, DEFAULT_MODEL
+from .snapshot import check_snapshot_path
 
 #: Upper bound of ``max_new_tokens`` (any configuration).
 MAX_NEW_TOKENS_LIMIT = 4096
@@ -23,7 +24,14 @@ class EngineConfig:
     """Everything the engine needs to start; validated in ``__post_init__``.
 
     Attributes:
-        model: ``builtin:tiny-qwen2.5-vl``, a local directory or an HF id.
+        model: ``builtin:tiny-qwen2.5-vl``, a local directory or an HF id (resolved and
+            checked when the model loads: :func:`~infinipot_ros.models.resolve.resolve_model`).
+        allow_pickle: also load pickle weights (``pytorch_model.bin``, ``*.pt``) of a model
+            without safetensors; False = safetensors only (pickle can run code on load).
+            Code shipped with a model (``auto_map``) never runs, whatever this says.
+        allow_download: fetch an HF id that is not in the local HF cache from the hub;
+            False = no network at run time (``local_files_only``). ``HF_HUB_OFFLINE=1``
+            keeps the loader offline even when True.
         device: "auto" (CUDA if available), "cpu", "cuda", "cuda:N".
         dtype: "auto" (bf16 on CUDA, fp32 on CPU), "float32", "bfloat16", "float16".
         max_pixels: cap on pixels per frame after resizing (robots downscale).
@@ -61,7 +69,8 @@ class EngineConfig:
             gets a frame pair ingested at least this often (wall time, s): questions
             cannot starve the scene memory.
         snapshot_path: memory snapshot file loaded at start (configure) if it exists and
-            written by ``save_memory`` ("" = none).
+            written by ``save_memory`` ("" = none); resolved (``~``, symlinks) and checked
+            here: not a directory, in an existing writable directory (ValueError otherwise).
         autosave_s: > 0 saves the memory to ``snapshot_path`` every this many seconds
             (atomically); 0 = only on request.
         rebase_position_threshold: T, the largest temporal M-RoPE position a chunk may
@@ -77,6 +86,8 @@ class EngineConfig:
     """
 
     model: str = DEFAULT_MODEL
+    allow_pickle: bool = False
+    allow_download: bool = False
     device: str = "auto"
     dtype: str = "auto"
     max_pixels: int = 256 * 28 * 28
@@ -137,6 +148,9 @@ class EngineConfig:
             raise ValueError(f"autosave_s must be >= 0, got {self.autosave_s}")
         if self.autosave_s > 0 and not self.snapshot_path:
             raise ValueError("autosave_s > 0 needs a snapshot_path")
+        if self.snapshot_path:
+            self.snapshot_path = check_snapshot_path(self.snapshot_path,
+                                                     parameter="snapshot_path (cache.snapshot_path)")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.rebase_position_threshold != 0 and self.rebase_position_threshold < 1024:
@@ -171,8 +185,10 @@ class EngineConfig:
                               pool_kernels=self.pool_kernels or None)
 
     def adapter_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`~infinipot_ros.models.load_adapter` besides model, device and dtype."""
         kw: dict[str, Any] = {"max_pixels": self.max_pixels, "min_pixels": self.min_pixels,
-                              "decode_mode": self.decode_mode}
+                              "decode_mode": self.decode_mode, "allow_pickle": bool(self.allow_pickle),
+                              "allow_download": bool(self.allow_download)}
         if self.system_prompt:
             kw["system_prompt"] = self.system_prompt
         return kw

@@ -22,6 +22,10 @@ max_pixels (chunks keep the grid they were encoded with).
 
 Files are written atomically (temp file in the same directory, fsync, ``os.replace``, fsync of
 the directory): a crash leaves the old snapshot or the new one, never half a file.
+
+Paths are resolved (``~`` expanded, symlinks and ``..`` resolved: :func:`resolve_snapshot_path`)
+before use; a configured ``cache.snapshot_path`` is checked at start
+(:func:`check_snapshot_path`: not a directory, its directory exists and is writable).
 """
 from __future__ import annotations
 
@@ -68,6 +72,40 @@ class SnapshotInfo:
     frames: int
     vision_tokens: int
     saved_unix_s: float
+
+
+# --------------------------------------------------------------------------- paths
+def resolve_snapshot_path(path: str | os.PathLike) -> str:
+    """``path`` with ``~`` expanded and made absolute, symlinks and ``..`` resolved (the file need not exist)."""
+    return os.path.realpath(os.path.expanduser(os.fspath(path)))
+
+
+def check_snapshot_path(path: str | os.PathLike, *, parameter: str = "cache.snapshot_path") -> str:
+    """Resolve a configured snapshot path and check that a snapshot can be written there.
+
+    Returns:
+        The resolved absolute path (:func:`resolve_snapshot_path`).
+
+    Raises:
+        ValueError: the path is a directory or another non-regular file, its directory does not
+            exist or is no directory, or it is not writable; the message names ``parameter``,
+            the path as given and as resolved.
+    """
+    given = os.fspath(path)
+    real = resolve_snapshot_path(given)
+    where = f"{parameter} {given!r}" + (f" (resolved: {real})" if real != given else "")
+    if os.path.isdir(real):
+        raise ValueError(f"{where} is a directory; give a file path such as {os.path.join(real, 'memory.safetensors')}")
+    if os.path.exists(real) and not os.path.isfile(real):
+        raise ValueError(f"{where} exists and is not a regular file")
+    parent = os.path.dirname(real)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{where}: its directory {parent} does not exist (create it first)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{where}: its directory {parent} is not writable by this process")
+    if os.path.exists(real) and not os.access(real, os.R_OK | os.W_OK):
+        raise ValueError(f"{where} exists but is not readable and writable by this process")
+    return real
 
 
 # --------------------------------------------------------------------------- header
@@ -140,15 +178,21 @@ def save_snapshot(assistant: "StreamingAssistant", path: str | os.PathLike) -> S
     keep flowing during the disk I/O. Dropped, not saved: an unpaired frame waiting for its
     temporal pair (listed in the header as ``pending_dropped``), the question/answer scratch,
     and the frame counters' live values (they are recorded in the header for information only).
-    The parent directory is created if missing; the file is readable by its owner only (0600).
+    ``path`` is resolved (:func:`resolve_snapshot_path`); its parent directory is created if
+    missing; the file is readable by its owner only (0600).
 
     Returns:
-        What was saved.
+        What was saved (``path``: the resolved absolute path).
 
     Raises:
-        SnapshotError: the file cannot be written (the previous file at ``path``, if any, is intact).
+        SnapshotError: ``path`` is a directory, or the file cannot be written (the previous
+            file at ``path``, if any, is intact).
     """
-    path = os.fspath(path)
+    given = os.fspath(path)
+    path = resolve_snapshot_path(given)
+    if os.path.isdir(path):
+        raise SnapshotError(f"cannot write snapshot {given}: it is a directory"
+                            + (f" ({path})" if path != given else ""))
     with assistant._lock:
         cache = assistant.cache
         try:
@@ -181,7 +225,7 @@ def save_snapshot(assistant: "StreamingAssistant", path: str | os.PathLike) -> S
     header["tensors"] = sorted(tensors)
     header["tensors_sha256"] = _tensors_digest(tensors)
     _write_atomically(tensors, header, path)
-    return SnapshotInfo(os.path.abspath(path), header["frames"], header["vision_tokens"], header["saved_unix_s"])
+    return SnapshotInfo(path, header["frames"], header["vision_tokens"], header["saved_unix_s"])
 
 
 def _write_atomically(tensors: dict[str, torch.Tensor], header: dict[str, Any], path: str) -> None:
@@ -221,7 +265,9 @@ def read_snapshot_header(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         SnapshotError: no file, not a safetensors file (truncated, corrupt) or no valid header.
     """
-    path = os.fspath(path)
+    path = resolve_snapshot_path(path)
+    if os.path.isdir(path):
+        raise SnapshotError(f"no snapshot at {path}: it is a directory")
     if not os.path.isfile(path):
         raise SnapshotError(f"no snapshot at {path}")
     try:
@@ -246,9 +292,10 @@ def snapshot_info(path: str | os.PathLike) -> SnapshotInfo:
     Raises:
         SnapshotError: as :func:`read_snapshot_header`, or a header without those fields.
     """
+    path = resolve_snapshot_path(path)
     header = read_snapshot_header(path)
     try:
-        return SnapshotInfo(os.path.abspath(path), int(header["frames"]), int(header["vision_tokens"]),
+        return SnapshotInfo(path, int(header["frames"]), int(header["vision_tokens"]),
                             float(header["saved_unix_s"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise SnapshotError(f"snapshot {os.fspath(path)} has a corrupt header: {exc!r}") from None
@@ -309,7 +356,7 @@ def load_snapshot(assistant: "StreamingAssistant", path: str | os.PathLike) -> S
     Raises:
         SnapshotError: see above.
     """
-    path = os.fspath(path)
+    path = resolve_snapshot_path(path)
     with assistant._lock:
         header = read_snapshot_header(path)
         _check_header(assistant, header, path)
@@ -333,7 +380,7 @@ def load_snapshot(assistant: "StreamingAssistant", path: str | os.PathLike) -> S
             raise SnapshotError(f"snapshot {path} does not fit this assistant's cache: {_one_line(exc)}") from None
         cameras, origin = _stream_state(header, fresh, path)
         try:
-            info = SnapshotInfo(os.path.abspath(path), int(header["frames"]), int(header["vision_tokens"]),
+            info = SnapshotInfo(path, int(header["frames"]), int(header["vision_tokens"]),
                                 float(header["saved_unix_s"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise SnapshotError(f"snapshot {path} has a corrupt header: {exc!r}") from None

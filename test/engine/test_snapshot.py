@@ -302,3 +302,54 @@ def test_snapshot_of_another_system_prompt_is_refused(reference, tiny_adapter, t
     with pytest.raises(SnapshotError, match="does not fit this assistant's cache: saved prefix"):
         load_snapshot(engine, forged)
     _assert_memory_unchanged(engine, before)
+
+
+# ------------------------------------------------------------------ paths
+def test_snapshot_path_is_resolved_and_checked_at_start(tmp_path, monkeypatch):
+    """EngineConfig.snapshot_path: ~ and symlinks resolved; a directory or a missing directory is a ValueError
+    naming the parameter and the path."""
+    home = tmp_path / "home"
+    (home / "mem").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    assert EngineConfig(snapshot_path="~/mem/m.safetensors").snapshot_path == str(home / "mem" / "m.safetensors")
+    (tmp_path / "link").symlink_to(home / "mem")
+    resolved = EngineConfig(snapshot_path=str(tmp_path / "link" / ".." / "mem" / "m.safetensors")).snapshot_path
+    assert resolved == os.path.realpath(tmp_path / "link" / ".." / "mem" / "m.safetensors")
+    assert EngineConfig(snapshot_path=str(tmp_path / "link" / "m.safetensors")).snapshot_path == \
+        str(home / "mem" / "m.safetensors")
+    with pytest.raises(ValueError, match=rf"cache.snapshot_path\) '{home / 'mem'}' is a directory"):
+        EngineConfig(snapshot_path=str(home / "mem"))
+    missing = tmp_path / "no" / "such" / "m.safetensors"
+    with pytest.raises(ValueError, match=rf"cache.snapshot_path\) '{missing}': its directory {missing.parent} "
+                                         r"does not exist"):
+        EngineConfig(snapshot_path=str(missing))
+    assert EngineConfig().snapshot_path == ""  # "" = none, nothing checked
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere: a read-only directory cannot be made")
+def test_snapshot_path_in_a_read_only_directory_is_refused(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(ValueError, match=f"its directory {ro} is not writable"):
+            EngineConfig(snapshot_path=str(ro / "m.safetensors"))
+    finally:
+        ro.chmod(0o700)
+
+
+def test_save_and_load_resolve_the_path(reference, tiny_adapter, tiny_model_dir, vtest_frames, tmp_path,
+                                        monkeypatch):
+    frames, stamps = vtest_frames
+    engine = _engine(tiny_adapter, tiny_model_dir)
+    _feed(engine, frames[:2], stamps[:2], "front")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    info = save_snapshot(engine, "~/snaps/m.safetensors")  # parent created, ~ expanded (no literal "~" dir)
+    assert info.path == str(tmp_path / "snaps" / "m.safetensors") and os.path.isfile(info.path)
+    assert not os.path.exists("~")
+    assert snapshot_info("~/snaps/m.safetensors") == info
+    assert load_snapshot(_engine(tiny_adapter, tiny_model_dir), "~/snaps/m.safetensors") == info
+    with pytest.raises(SnapshotError, match=f"cannot write snapshot {tmp_path / 'snaps'}: it is a directory"):
+        save_snapshot(engine, tmp_path / "snaps")
+    with pytest.raises(SnapshotError, match=f"no snapshot at {tmp_path / 'snaps'}: it is a directory"):
+        load_snapshot(engine, tmp_path / "snaps")
