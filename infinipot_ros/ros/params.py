@@ -73,6 +73,12 @@ PARAMETERS: List[Param] = [
     Param("model.id", "model",
           "builtin:tiny-qwen2.5-vl (embedded test model), a local model directory, or an HF id "
           "such as Qwen/Qwen2.5-VL-3B-Instruct (must be in the local HF cache when offline)"),
+    Param("model.allow_pickle", "allow_pickle",
+          "also load pickle weights (pytorch_model.bin, *.pt) of a model without safetensors; false = safetensors "
+          "only (pickle can run code on load). Code shipped with a model (auto_map) never runs"),
+    Param("model.allow_download", "allow_download",
+          "download an HF id missing from the local HF cache; false = no network at run time (HF_HUB_OFFLINE=1 "
+          "keeps it offline even when true)"),
     Param("model.device", "device", "torch device: auto (CUDA if available), cpu, cuda, cuda:N"),
     Param("model.dtype", "dtype", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"),
     Param("model.max_pixels", "max_pixels",
@@ -104,7 +110,8 @@ PARAMETERS: List[Param] = [
           "on the torch path", (0, 1024)),
     Param("cache.snapshot_path", "snapshot_path",
           "memory snapshot (safetensors) loaded at configure if the file exists, written by the save_memory "
-          "service and by autosave; \"\" = none"),
+          "service and by autosave; ~ and symlinks resolved, checked at start (a file path in an existing, "
+          "writable directory); \"\" = none"),
     Param("cache.autosave_s", "autosave_s",
           "> 0: save the memory to cache.snapshot_path every this many seconds (atomically); 0 = on request only",
           (0.0, 1e6)),

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from infinipot_ros.engine import LIVE_FIELDS, EngineConfig
-from infinipot_ros.ros.params import PARAMETERS, NodeSettings, default, from_ros, is_live, owner, to_ros
+from infinipot_ros.ros.params import (BY_NAME, PARAMETERS, NodeSettings, declare_parameters, default, from_ros,
+                                      is_live, owner, read_parameters, to_ros)
 from infinipot_ros.tools.stream import _config_from_args, build_parser
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -67,3 +68,37 @@ def test_pool_kernels_round_trip_and_refuse_bad_values():
 def test_cli_defaults_are_the_engine_defaults():
     args = build_parser().parse_args(["--video", "x.avi"])
     assert _config_from_args(args) == EngineConfig()
+
+
+@pytest.mark.parametrize("name,field", [("model.allow_pickle", "allow_pickle"),
+                                        ("model.allow_download", "allow_download")])
+def test_safe_loading_parameters_default_false_and_read_only(name, field):
+    p = BY_NAME[name]
+    assert (p.field, owner(p), is_live(p)) == (field, "engine", False)
+    assert default(p) is False and getattr(EngineConfig(), field) is False
+    assert EngineConfig(**{field: True}).adapter_kwargs()[field] is True
+
+
+def test_safe_loading_parameters_on_a_node():
+    """Declared on a real rclpy node: bool, read-only, default false; an override reaches EngineConfig."""
+    import rclpy
+    from rcl_interfaces.msg import ParameterType
+    from rclpy.node import Node
+    from rclpy.parameter import Parameter
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    try:
+        node = Node("infinipot_params_test", context=context,
+                    parameter_overrides=[Parameter("model.allow_pickle", value=True)])
+        declare_parameters(node)
+        for name in ("model.allow_pickle", "model.allow_download"):
+            desc = node.describe_parameter(name)
+            assert desc.type == ParameterType.PARAMETER_BOOL and desc.read_only, name
+        assert node.get_parameter("model.allow_download").value is False
+        config, _ = read_parameters(node)
+        assert (config.allow_pickle, config.allow_download) == (True, False)
+        assert config.adapter_kwargs()["allow_pickle"] is True
+        node.destroy_node()
+    finally:
+        rclpy.shutdown(context=context)
