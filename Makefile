@@ -28,7 +28,7 @@ export INFINIPOT_VIDEO ?= $(VIDEO)
 ROS_ENV := source $(VENV)/bin/activate && { [ "$(ROS_SOURCE)" = system ] || export AMENT_PREFIX_PATH=$(CURDIR)/$(VENV); } \
 	&& source install/setup.bash && export AMENT_PREFIX_PATH=$(CURDIR)/$(VENV):$$AMENT_PREFIX_PATH
 
-PY_SOURCES := $(shell find infinipot_ros -name '*.py' 2>/dev/null) $(wildcard msg/*.msg srv/*.srv launch/* config/* scripts/*)
+PY_SOURCES := $(shell find infinipot_ros -name '*.py' 2>/dev/null) $(wildcard infinipot_ros/models/data/* msg/*.msg srv/*.srv action/*.action launch/* config/* scripts/*)
 
 .PHONY: help setup venv build model data test test-fast demo bench clean distclean
 
