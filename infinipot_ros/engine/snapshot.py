@@ -25,7 +25,7 @@ the directory): a crash leaves the old snapshot or the new one, never half a fil
 
 Paths are resolved (``~`` expanded, symlinks and ``..`` resolved: :func:`resolve_snapshot_path`)
 before use; a configured ``cache.snapshot_path`` is checked at start
-(:func:`check_snapshot_path`: not a directory, its directory exists and is writable).
+(:func:`check_snapshot_path`: not a directory; its directory writable, or creatable by the first save).
 """
 from __future__ import annotations
 
@@ -87,9 +87,10 @@ def check_snapshot_path(path: str | os.PathLike, *, parameter: str = "cache.snap
         The resolved absolute path (:func:`resolve_snapshot_path`).
 
     Raises:
-        ValueError: the path is a directory or another non-regular file, its directory does not
-            exist or is no directory, or it is not writable; the message names ``parameter``,
-            the path as given and as resolved.
+        ValueError: the path is a directory or another non-regular file, or its directory
+            (or, when missing, its nearest existing ancestor, where the first save creates it)
+            is no directory or not writable; the message names ``parameter``, the path as
+            given and as resolved.
     """
     given = os.fspath(path)
     real = resolve_snapshot_path(given)
@@ -99,10 +100,14 @@ def check_snapshot_path(path: str | os.PathLike, *, parameter: str = "cache.snap
     if os.path.exists(real) and not os.path.isfile(real):
         raise ValueError(f"{where} exists and is not a regular file")
     parent = os.path.dirname(real)
-    if not os.path.isdir(parent):
-        raise ValueError(f"{where}: its directory {parent} does not exist (create it first)")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{where}: its directory {parent} is not writable by this process")
+    existing = parent  # a missing directory is created by the first save: its nearest existing ancestor decides
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{where}: {existing} is not a directory, so {parent} cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{where}: its directory {existing} is not writable by this process"
+                         + (f" ({parent} cannot be created)" if existing != parent else ""))
     if os.path.exists(real) and not os.access(real, os.R_OK | os.W_OK):
         raise ValueError(f"{where} exists but is not readable and writable by this process")
     return real

@@ -528,7 +528,19 @@ class AssistantNode(LifecycleNode):
             text += piece
             tokens = n
         if tokens is not None and text:
-            goal_handle.publish_feedback(AskAction.Feedback(piece=text, generated_tokens=tokens))
+            try:
+                goal_handle.publish_feedback(AskAction.Feedback(piece=text, generated_tokens=tokens))
+            except Exception:
+                if rclpy.ok():
+                    raise  # a shut-down context (SIGINT mid-answer) makes rcl refuse to publish: nothing to send to
+
+    def _publish(self, publisher, msg) -> None:
+        """Publish unless the context was shut down meanwhile (SIGINT races the timers: rcl then raises)."""
+        try:
+            publisher.publish(msg)
+        except Exception:
+            if self.context.ok():
+                raise
 
     # ------------------------------------------------------------- parameters
     def _on_set_parameters(self, params) -> SetParametersResult:
@@ -573,13 +585,13 @@ class AssistantNode(LifecycleNode):
 
     def publish_status(self) -> None:
         stamp = self.get_clock().now().to_msg()
-        self.status_pub.publish(to_cache_status(self.stats(), stamp))
+        self._publish(self.status_pub, to_cache_status(self.stats(), stamp))
 
     def _on_timer(self) -> None:
         stats = self.stats()
         stamp = self.get_clock().now().to_msg()
-        self.status_pub.publish(to_cache_status(stats, stamp))
-        self.diag_pub.publish(to_diagnostics(stats, stamp, self.get_name()))
+        self._publish(self.status_pub, to_cache_status(stats, stamp))
+        self._publish(self.diag_pub, to_diagnostics(stats, stamp, self.get_name()))
 
 
 def main(args=None) -> int:

@@ -306,8 +306,9 @@ def test_snapshot_of_another_system_prompt_is_refused(reference, tiny_adapter, t
 
 # ------------------------------------------------------------------ paths
 def test_snapshot_path_is_resolved_and_checked_at_start(tmp_path, monkeypatch):
-    """EngineConfig.snapshot_path: ~ and symlinks resolved; a directory or a missing directory is a ValueError
-    naming the parameter and the path."""
+    """EngineConfig.snapshot_path: ~ and symlinks resolved; a directory, or a path whose directory cannot be
+    created, is a ValueError naming the parameter and the path; a missing directory is fine (the first save
+    creates it)."""
     home = tmp_path / "home"
     (home / "mem").mkdir(parents=True)
     monkeypatch.setenv("HOME", str(home))
@@ -319,10 +320,13 @@ def test_snapshot_path_is_resolved_and_checked_at_start(tmp_path, monkeypatch):
         str(home / "mem" / "m.safetensors")
     with pytest.raises(ValueError, match=rf"cache.snapshot_path\) '{home / 'mem'}' is a directory"):
         EngineConfig(snapshot_path=str(home / "mem"))
-    missing = tmp_path / "no" / "such" / "m.safetensors"
-    with pytest.raises(ValueError, match=rf"cache.snapshot_path\) '{missing}': its directory {missing.parent} "
-                                         r"does not exist"):
-        EngineConfig(snapshot_path=str(missing))
+    missing = tmp_path / "no" / "such" / "m.safetensors"  # created by the first save, not by the check
+    assert EngineConfig(snapshot_path=str(missing)).snapshot_path == str(missing) and not missing.parent.exists()
+    (tmp_path / "afile").write_text("x")
+    under_file = tmp_path / "afile" / "sub" / "m.safetensors"
+    with pytest.raises(ValueError, match=rf"cache.snapshot_path\) '{under_file}': {tmp_path / 'afile'} is not a "
+                                         r"directory"):
+        EngineConfig(snapshot_path=str(under_file))
     assert EngineConfig().snapshot_path == ""  # "" = none, nothing checked
 
 

@@ -94,14 +94,17 @@ class Ros:
         self.diagnostics: list = []
         self.client.create_subscription(DiagnosticArray, "/diagnostics", self.diagnostics.append, 10)
         self.executor.add_node(self.client)
+        self.retired_actions: list = []
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
         self.thread.start()
 
     def close(self):
         self.executor.shutdown()
+        self.thread.join(5)
+        for action in self.retired_actions:  # destroyed only once no executor thread walks the waitables
+            action.destroy()
         self.client.destroy_node()
         rclpy.shutdown()
-        self.thread.join(5)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +146,10 @@ class Handle:
             self.node.shutdown()
             self.ros.executor.remove_node(self.node)
             self.node.destroy_node()
-        self.action.destroy()
+        # ActionClient.destroy() while the executor thread walks the client node's waitables kills that
+        # thread (AttributeError: no '_lock'): destroyed by Ros.close once the executor stopped
+        if self.action not in self.ros.retired_actions:
+            self.ros.retired_actions.append(self.action)
         c.destroy_client(self.srv)
         c.destroy_subscription(self.sub)
 

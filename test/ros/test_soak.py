@@ -69,6 +69,7 @@ class Rig:
         self.executor = MultiThreadedExecutor(num_threads=threads)
         self.executor.add_node(self.node)
         self.executor.add_node(self.client)
+        self.retired_actions: list = []  # action clients to destroy once the executor stopped
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
         self.thread.start()
         assert _wait(lambda: self.node._state is EngineState.READY, 30)
@@ -82,10 +83,12 @@ class Rig:
     def close(self):
         self.node.shutdown()
         self.executor.shutdown()
+        self.thread.join(10)
+        for action in self.retired_actions:
+            action.destroy()
         self.node.destroy_node()
         self.client.destroy_node()
         rclpy.shutdown()
-        self.thread.join(10)
 
 
 class Monitor(threading.Thread):
@@ -217,8 +220,8 @@ def test_many_callers_while_two_cameras_publish_at_30_hz(tiny_adapter_small, tin
                     time.sleep(0.05)
         except Exception as exc:
             errors.append(f"streamer: {type(exc).__name__}: {exc}")
-        finally:
-            action.destroy()
+        finally:  # not destroy() now: the executor thread may be walking the client's waitables
+            rig.retired_actions.append(action)
 
     threads = [threading.Thread(target=camera, args=(c,), daemon=True) for c in CAMS]
     t_start = time.monotonic()
