@@ -27,6 +27,7 @@ A thin rclpy layer over :mod:`infinipot_ros.engine`:
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import math
 import os
 import queue
@@ -556,23 +557,22 @@ class AssistantNode(LifecycleNode):
             except ValueError as exc:
                 return SetParametersResult(successful=False, reason=str(exc))
             (engine_changes if owner(spec) == "engine" else node_changes)[spec.field] = value
-        try:
+        try:  # validate everything before applying anything: a refused set changes nothing
+            new_settings = NodeSettings(**{**vars(self.settings), **node_changes}) if node_changes else None
             if engine_changes:
-                import dataclasses
-
-                new_config = dataclasses.replace(self.config, **engine_changes)  # validates
-                if self._engine is not None:
+                if self._engine is not None:  # validates (config and KV reserve) and applies, or raises
                     self._engine.update_settings(**engine_changes)
-                self.config = new_config
-            if node_changes:
-                new_settings = NodeSettings(**{**vars(self.settings), **node_changes})
-                if new_settings.status_period_s != self.settings.status_period_s:
-                    self.destroy_timer(self.status_timer)
-                    self.status_timer = self.create_timer(new_settings.status_period_s, self._on_timer,
-                                                          callback_group=self._timer_group)
-                self.settings = new_settings
+                    self.config = self._engine.config
+                else:
+                    self.config = dataclasses.replace(self.config, **engine_changes)  # validates
         except ValueError as exc:
             return SetParametersResult(successful=False, reason=str(exc))
+        if new_settings is not None:
+            if new_settings.status_period_s != self.settings.status_period_s:
+                self.destroy_timer(self.status_timer)
+                self.status_timer = self.create_timer(new_settings.status_period_s, self._on_timer,
+                                                      callback_group=self._timer_group)
+            self.settings = new_settings
         return SetParametersResult(successful=True)
 
     # ----------------------------------------------------------------- status

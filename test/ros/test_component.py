@@ -266,6 +266,16 @@ def test_live_parameters_in_process(graph):
     assert not res.successful and node.get_parameter("model.id").value != "other"
     node.set_parameters([Parameter("status.period_s", value=0.5)])
     assert abs(node.status_timer.timer_period_ns - 0.5e9) < 1
+    # atomic: a set whose engine part is refused changes nothing, the node part included
+    res = node.set_parameters_atomically([Parameter("status.period_s", value=0.25),
+                                          Parameter("ask.max_new_tokens", value=4000)])
+    assert not res.successful and "KV reserve" in res.reason
+    assert abs(node.status_timer.timer_period_ns - 0.5e9) < 1 and node.settings.status_period_s == 0.5
+    assert engine.config.max_new_tokens == 32 and node.config.max_new_tokens == 32
+    res = node.set_parameters_atomically([Parameter("ask.temperature", value=0.7),
+                                          Parameter("status.period_s", value=0.0)])  # below the descriptor's range
+    assert not res.successful and "out of range" in res.reason
+    assert engine.config.temperature == 0.3 and node.config.temperature == 0.3
 
 
 @pytest.mark.skipif(ROS2 is None, reason="the ros2 CLI is not installed")
