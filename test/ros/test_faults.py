@@ -38,7 +38,6 @@ pytestmark = pytest.mark.ros
 
 CAM = "/fault_cam/image_raw"
 T0 = 1_700_000_000 * 10**9
-TINY_CACHE_DIR = "/work/main/.cache/infinipot/models/tiny-qwen2.5-vl"
 
 
 def _wait(cond, timeout):
@@ -196,10 +195,9 @@ def _bert(tmp_path):
     return str(d), "model family 'bert'"
 
 
-def _corrupt(tmp_path, tiny_model_dir=None):
-    src = TINY_CACHE_DIR if os.path.isdir(TINY_CACHE_DIR) else tiny_model_dir
+def _corrupt(tmp_path, tiny_model_dir):
     d = tmp_path / "tiny-corrupt"
-    shutil.copytree(src, d)
+    shutil.copytree(tiny_model_dir, d)
     weights = d / "model.safetensors"
     os.truncate(weights, weights.stat().st_size // 2)  # cut in the middle of the tensors
     return str(d), "SafetensorError"
