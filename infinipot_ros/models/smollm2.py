@@ -73,11 +73,8 @@ Public API: :data:`SMOLLM2_MODEL_NAME`, :data:`GGUF_PACKAGE`, :data:`GGUF_FILE`,
 """
 from __future__ import annotations
 
-import json
 import os
 import pathlib
-import shutil
-import tempfile
 from typing import Any, Optional
 
 from . import tiny
@@ -253,11 +250,9 @@ def build_smollm2_qwen2_5_vl(out_dir: Optional[PathLike] = None, seed: int = 0,
                              overwrite: bool = False) -> pathlib.Path:
     """Build the SmolLM2 Qwen2.5-VL (model, tokenizer, processors, template) into ``out_dir``.
 
-    Written into a temporary directory ``.<name>.tmp-*`` next to ``out_dir`` and moved
-    into place with ``os.replace`` when complete (marker file last, files fsync'ed),
-    under a ``filelock.FileLock`` on ``<parent>/.<name>.build.lock``: concurrent
-    builders wait (the second finds the first one's build), a builder killed half way
-    leaves only a temporary directory that the next builder removes. A no-op when
+    Built like the tiny models (:func:`.tiny.build_atomically`: a temporary directory
+    next to ``out_dir``, ``os.replace``, a ``filelock.FileLock``; concurrent builders
+    wait, a builder killed half way leaves only a temporary directory). A no-op when
     ``out_dir`` holds a complete build of this recipe version, ``seed`` and GGUF file
     (name and size in bytes), unless ``overwrite``; an older build of this recipe is
     replaced. About 30 s and 1.5 GB of RAM on a CPU; ~540 MB on disk.
@@ -278,85 +273,25 @@ def build_smollm2_qwen2_5_vl(out_dir: Optional[PathLike] = None, seed: int = 0,
         NotADirectoryError: ``out_dir`` is a file.
         OSError: file-system errors.
     """
-    from filelock import FileLock
-
     gguf_path = smollm2_gguf_path()
     out = pathlib.Path(out_dir if out_dir is not None else default_build_dir()).expanduser().absolute()
     seed = int(seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
     source = {"file": gguf_path.name, "bytes": gguf_path.stat().st_size}
-    with FileLock(str(out.parent / f".{out.name}.build.lock")):
-        if not overwrite and _is_complete(out, seed, source):
-            return out
-        if os.path.lexists(out):
-            if not out.is_dir():
-                raise NotADirectoryError(f"{out} exists and is not a directory")
-            if any(out.iterdir()) and not (out / tiny.MARKER_FILE).exists():
-                raise FileExistsError(f"{out} is not empty and holds no {tiny.MARKER_FILE}; refusing to replace a "
-                                      "directory that was not written by build_smollm2_qwen2_5_vl")
-        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # crashed builders (we hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
-            new = tmp / "new"
-            new.mkdir()
-            facts = _write_build(new, gguf_path, seed)
-            _write_marker(new, seed, dict(facts, gguf=source))
-            if os.path.lexists(out):
-                os.replace(out, tmp / "old")
-            os.replace(new, out)
-            _fsync(out.parent)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    def write(new: pathlib.Path) -> None:
+        facts = _write_build(new, gguf_path, seed)
+        tiny.write_marker(new, _RECIPE_NAME, RECIPE_VERSION, seed, **facts, gguf=source)
+
+    return tiny.build_atomically(out, lambda d: _is_complete(d, seed, source), write, overwrite=overwrite)
 
 
 def _is_complete(directory: pathlib.Path, seed: int, source: dict) -> bool:
-    try:
-        with open(directory / tiny.MARKER_FILE, encoding="utf-8") as handle:
-            marker = json.load(handle)
-    except (OSError, ValueError):
-        return False
+    marker = tiny.read_marker(directory)
     if not isinstance(marker, dict) or marker.get("recipe") != _RECIPE_NAME \
             or marker.get("recipe_version") != RECIPE_VERSION or marker.get("seed") != seed \
             or marker.get("gguf") != source:
         return False
     return all((directory / name).is_file() for name in _REQUIRED_FILES)
-
-
-def _fsync(path: pathlib.Path) -> None:
-    """fsync a file or directory (best effort for directories)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0))
-    except OSError:  # pragma: no cover
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_marker(directory: pathlib.Path, seed: int, facts: dict) -> None:
-    """Flush every file of ``directory``, then write the marker (the build is complete once it exists)."""
-    import tokenizers
-    import torch
-    import transformers
-
-    for path in sorted(directory.rglob("*")):
-        if path.is_file():
-            _fsync(path)
-    marker = dict(facts, recipe=_RECIPE_NAME, recipe_version=RECIPE_VERSION, seed=seed,
-                  transformers=transformers.__version__, tokenizers=tokenizers.__version__, torch=torch.__version__)
-    part = directory / (tiny.MARKER_FILE + ".part")
-    with open(part, "w", encoding="utf-8") as handle:
-        json.dump(marker, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(part, directory / tiny.MARKER_FILE)
-    _fsync(directory)
 
 
 # --------------------------------------------------------------------------- #
@@ -367,7 +302,7 @@ def _build_tokenizer(gguf_path: pathlib.Path):
     from tokenizers import AddedToken
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, trust_remote_code=False)
     base = len(tok)
     for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
         if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id) and t != tok.unk_token:

@@ -38,8 +38,12 @@ PROMPTS = (
 
 @pytest.fixture(scope="module")
 def smol_dir() -> str:
-    """The SmolLM2 Qwen2.5-VL, built once into the cache (~20 s) and reused by later runs."""
-    return str(smollm2.build_smollm2_qwen2_5_vl())
+    """The SmolLM2 Qwen2.5-VL (``builtin:smollm2-qwen2.5-vl``), built once into the cache (~20 s), reused later."""
+    from infinipot_ros.models import resolve_model
+
+    path = resolve_model("builtin:" + smollm2.SMOLLM2_MODEL_NAME)
+    assert path == str(smollm2.default_build_dir())
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +91,7 @@ def test_build_is_complete_and_reused(smol_dir, tmp_path):
     assert 0 < marker["vision_scale"] < 1 and abs(marker["text_embedding_norm"] - 3.2) < 0.1
     before = os.stat(d / "model.safetensors").st_mtime_ns
     assert smollm2.build_smollm2_qwen2_5_vl(d) == d  # complete: nothing rebuilt
+    assert not list(d.parent.glob(f".{d.name}.tmp-*"))  # no staging directory left behind
     assert os.stat(d / "model.safetensors").st_mtime_ns == before
     foreign = tmp_path / "mine"
     foreign.mkdir()
